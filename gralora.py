@@ -1,0 +1,395 @@
+"""GraLoRA and LoRA in one small file: layers, model helpers and cost accounting.
+
+A reference implementation of
+  * LoRA:   Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685
+  * GraLoRA: Jung et al., "GraLoRA: Granular Low-Rank Adaptation for Parameter-Efficient
+    Fine-Tuning", arXiv 2505.20355 (NeurIPS 2025)
+written to be read. It imports only torch.
+
+Shape vocabulary, used in every comment below:
+    T  tokens (all leading dims of the input, flattened)   N  in_features    M  out_features
+    r  adapter rank                                        k  blocks per side (GraLoRA)
+    s = r // k  rank of one block                          n = N // k, m = M // k: block sizes
+
+LoRA (Hu et al., Eq. 3) freezes the base weight W0 (M, N) and learns a low-rank update
+
+    y = W0 x + scaling * B (A x),   A: (r, N) Kaiming-uniform,  B: (M, r) zeros,  scaling = alpha / r
+
+so the update dW = scaling * B A starts at zero and has rank at most r.
+
+GraLoRA (Jung et al., Sec. 4) cuts x into k input slices x_j (n each) and y into k output slices
+y_i (m each), and gives every block (i, j) of dW its own small LoRA of rank s = r / k:
+
+                  input slices x_0 .. x_{k-1}  (n = N/k each)
+                 +-------------+-------------+-------------+
+     output  y_0 | B00 @ A00   | B01 @ A01   | B02 @ A02   |      A_ij: (s, n)
+     slices  y_1 | B10 @ A10   | B11 @ A11   | B12 @ A12   |      B_ij: (m, s)
+    (m each) y_2 | B20 @ A20   | B21 @ A21   | B22 @ A22   |      s = r / k
+                 +-------------+-------------+-------------+      (picture: k = 3)
+
+    y_i = W0_i x + scaling * sum_j B_ij (A_ij x_j)                       (paper Eq. 6)
+
+Costs, per layer, with T tokens (paper Sec. 4.2 and App. C):
+  * parameters: k^2 * s * (n + m) = r * (N + M), the same as LoRA whatever k;
+  * matmul FLOPs: 2 * T * r * (N + M), the same as LoRA; counting additions exactly, GraLoRA
+    needs (k - 1) * r * T fewer than LoRA (each block sums over n = N/k inputs, not N);
+  * latent (the values kept for backward between A and B): T * k * r instead of T * r;
+  * rank: dW can reach rank k * r, but each block has rank <= s = r / k, so a dense rank-r
+    update is generally NOT representable when k > 1. Hybrid GraLoRA adds a plain LoRA of
+    rank hybrid_r beside the blocks for that (paper Sec. 4.3).
+"""
+
+import fnmatch
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Layers
+
+
+def _check_base(base, r):
+    """Shared argument checks; errors name the offending values (never fail later in a reshape)."""
+    if not isinstance(base, nn.Linear):
+        raise ValueError(f"base must be an nn.Linear, got {type(base).__name__}")
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got r={r!r}")
+
+
+class AdapterLinear(nn.Module):
+    """What LoRALinear and GraLoRALinear share: a frozen `base` Linear plus an update path.
+
+    Subclasses define adapter(x) (the update's output, scaling included) and delta_weight()
+    (the same update as an (M, N) matrix). Merging is explicit: train()/eval() never merge.
+    """
+
+    def forward(self, x):
+        y = self.base(x)  # (..., M)
+        if self.merged:  # dW already lives in base.weight
+            return y
+        x = F.dropout(x, self.dropout, self.training)  # on the adapter path only
+        return y + self.adapter(x.to(self.A.dtype)).to(y.dtype)
+
+    def merge(self):
+        """Fold dW into base.weight, so inference costs one plain Linear. Idempotent."""
+        if not self.merged:
+            self.base.weight.data += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    def unmerge(self):
+        """Take dW back out of base.weight (exact in float32/64; to rounding in bf16/fp16)."""
+        if self.merged:
+            self.base.weight.data -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+
+class LoRALinear(AdapterLinear):
+    """y = base(x) + scaling * B (A dropout(x)).  A: (r, N), B: (M, r), scaling = alpha / r.
+
+    Args:
+        base: the frozen nn.Linear being adapted (its parameters get requires_grad=False).
+        r: adapter rank.
+        alpha: scaling numerator; default 2 * r, as in the GraLoRA paper's experiments.
+        dropout: dropout probability on the adapter's input, applied only in training.
+    """
+
+    def __init__(self, base, r, alpha=None, dropout=0.0):
+        super().__init__()
+        _check_base(base, r)
+        self.base = base.requires_grad_(False)
+        self.r = r
+        self.alpha = 2 * r if alpha is None else alpha
+        self.scaling = self.alpha / r
+        self.dropout = dropout
+        self.merged = False
+        N, M = base.in_features, base.out_features
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.A = nn.Parameter(torch.empty(r, N, **factory))  # (r, N)
+        self.B = nn.Parameter(torch.zeros(M, r, **factory))  # (M, r): zero, so dW = 0 at start
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # what nn.Linear uses for its weight
+
+    def adapter(self, x):
+        """The update path alone: scaling * B A x, for x of shape (..., N)."""
+        latent = x @ self.A.t()  # (..., r)
+        return self.scaling * (latent @ self.B.t())  # (..., M)
+
+    def delta_weight(self):
+        """dW = scaling * B A, shape (M, N), computed in float32 (or float64) and returned so."""
+        A, B = _upcast(self.A), _upcast(self.B)
+        return self.scaling * (B @ A)  # (M, N)
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, merged={self.merged}"
+
+
+class GraLoRALinear(AdapterLinear):
+    """GraLoRA: a k x k grid of rank-(r/k) LoRAs over the blocks of W0, plus an optional plain
+    LoRA of rank hybrid_r beside them (Hybrid GraLoRA, paper Sec. 4.3).
+
+    Parameters (indexed [i, j] = [output block, input block]):
+        A: (k, k, s, n)   A[i, j] reads input slice j     (s = r/k, n = N/k)
+        B: (k, k, m, s)   B[i, j] writes output slice i   (m = M/k)
+        hybrid_A: (hybrid_r, N), hybrid_B: (M, hybrid_r)  only when hybrid_r > 0
+    so block (i, j) of delta_weight() is scaling * B[i, j] @ A[i, j].
+
+    Args:
+        base: the frozen nn.Linear being adapted.
+        r: GraLoRA rank (the rank a LoRA of equal parameter count would have); k must divide it.
+        k: blocks per side. The paper uses k = 2 at r = 16, 32 and k = 4 at r = 64, 128.
+        alpha: scaling numerator; default 2 * (r + hybrid_r). scaling = alpha / (r + hybrid_r),
+            as in Hugging Face PEFT's GraLoRA, so checkpoints carry over between the two.
+        dropout: dropout probability on the adapter's input, applied only in training.
+        hybrid_r: rank of the extra plain-LoRA part (0 = pure GraLoRA).
+    """
+
+    def __init__(self, base, r, k=2, alpha=None, dropout=0.0, hybrid_r=0):
+        super().__init__()
+        _check_base(base, r)
+        N, M = base.in_features, base.out_features
+        if not isinstance(k, int) or k <= 0:
+            raise ValueError(f"k must be a positive integer, got k={k!r}")
+        if not isinstance(hybrid_r, int) or hybrid_r < 0:
+            raise ValueError(f"hybrid_r must be a non-negative integer, got hybrid_r={hybrid_r!r}")
+        for what, size in (("in_features", N), ("out_features", M), ("r", r)):
+            if size % k:
+                raise ValueError(f"{what}={size} is not divisible by k={k}")
+        self.base = base.requires_grad_(False)
+        self.r, self.k, self.hybrid_r = r, k, hybrid_r
+        self.alpha = 2 * (r + hybrid_r) if alpha is None else alpha
+        self.scaling = self.alpha / (r + hybrid_r)
+        self.dropout = dropout
+        self.merged = False
+        s, n, m = r // k, N // k, M // k
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.A = nn.Parameter(torch.empty(k, k, s, n, **factory))  # (k, k, s, n)
+        self.B = nn.Parameter(torch.zeros(k, k, m, s, **factory))  # (k, k, m, s): dW = 0 at start
+        for i in range(k):
+            for j in range(k):  # each block is its own LoRA, initialised as one (fan_in = n)
+                nn.init.kaiming_uniform_(self.A.data[i, j], a=math.sqrt(5))
+        if hybrid_r > 0:
+            self.hybrid_A = nn.Parameter(torch.empty(hybrid_r, N, **factory))  # (hybrid_r, N)
+            self.hybrid_B = nn.Parameter(torch.zeros(M, hybrid_r, **factory))  # (M, hybrid_r)
+            nn.init.kaiming_uniform_(self.hybrid_A, a=math.sqrt(5))
+
+    def adapter(self, x):
+        """The update path alone: scaling * (sum_j B_ij A_ij x_j  +  hybrid_B hybrid_A x)."""
+        k = self.k
+        lead = x.shape[:-1]
+        x_blocks = x.reshape(-1, k, x.shape[-1] // k)  # (T, k, n): x_j = x_blocks[:, j]
+        # Step 1, every block's down-projection: latent[t, i, j] = A_ij x_j. This is the k x
+        # larger latent: k*k blocks of s = r/k values, k*r per token (LoRA keeps r).
+        latent = torch.einsum("tjn,ijsn->tijs", x_blocks, self.A)  # (T, k, k, s)
+        # Step 2, up-project and sum over input blocks j: y_i = sum_j B_ij latent_ij.
+        y_blocks = torch.einsum("tijs,ijms->tim", latent, self.B)  # (T, k, m)
+        y = y_blocks.reshape(*lead, -1)  # (..., M): output slices side by side
+        if self.hybrid_r > 0:
+            y = y + (x @ self.hybrid_A.t()) @ self.hybrid_B.t()  # (..., M)
+        return self.scaling * y
+
+    def delta_weight(self):
+        """dW, shape (M, N), computed in float32 (or float64): block (i, j) = scaling * B_ij A_ij."""
+        A, B = _upcast(self.A), _upcast(self.B)
+        k, _, m, s = B.shape
+        n = A.shape[-1]
+        blocks = torch.einsum("ijms,ijsn->ijmn", B, A)  # (k, k, m, n): blocks[i, j] = B_ij A_ij
+        dW = blocks.permute(0, 2, 1, 3).reshape(k * m, k * n)  # (M, N): row block i, column block j
+        if self.hybrid_r > 0:
+            dW = dW + _upcast(self.hybrid_B) @ _upcast(self.hybrid_A)  # (M, N)
+        return self.scaling * dW
+
+    def extra_repr(self):
+        return (f"r={self.r}, k={self.k}, hybrid_r={self.hybrid_r}, alpha={self.alpha}, "
+                f"dropout={self.dropout}, merged={self.merged}")
+
+
+def _upcast(t):
+    """Half-precision factors are multiplied in float32; float32/64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+# -----------------------------------------------------------------------------
+# Model-level helpers: wrap, freeze, count, save/load, merge
+
+
+def _matches(name, patterns):
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def add_adapters(model, targets, method="gralora", r=8, k=2, alpha=None, dropout=0.0, hybrid_r=0):
+    """Replace, in place, each nn.Linear whose module name matches a pattern in `targets` with a
+    LoRALinear (method="lora") or GraLoRALinear (method="gralora"; Hybrid when hybrid_r > 0),
+    then freeze every other parameter. Returns the names of the wrapped modules.
+
+    A name matches a pattern if it equals it, ends with "." + pattern, or fnmatch-matches it:
+    targets=["c_attn", "mlp.*"] wraps "h.0.attn.c_attn" and "h.0.mlp.c_fc".
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    if method not in ("lora", "gralora"):
+        raise ValueError(f"method must be 'lora' or 'gralora', got method={method!r}")
+    inside_adapters = {f"{name}.base" for name, mod in model.named_modules() if isinstance(mod, AdapterLinear)}
+    chosen = [name for name, mod in model.named_modules()
+              if isinstance(mod, nn.Linear) and name not in inside_adapters and _matches(name, targets)]
+    if not chosen:
+        linears = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+        raise ValueError(f"no nn.Linear matches targets={list(targets)}; the model's Linear modules are {linears}")
+    # A weight shared with another module (a tied LM head) must not be adapted: merging would
+    # silently change the module it is tied to as well.
+    owners = {}
+    for name, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    for name in chosen:
+        shared = owners[id(model.get_submodule(name).weight)]
+        if len(shared) > 1:
+            raise ValueError(f"{name}.weight is tied to {[n for n in shared if n != name]}; refusing to adapt it")
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        if method == "lora":
+            layer = LoRALinear(base, r, alpha=alpha, dropout=dropout)
+        else:
+            layer = GraLoRALinear(base, r, k=k, alpha=alpha, dropout=dropout, hybrid_r=hybrid_r)
+        setattr(parent, child, layer)
+    mark_only_adapters_trainable(model)
+    return chosen
+
+
+def adapter_layers(model):
+    """(name, module) for every LoRALinear / GraLoRALinear in the model, found by type."""
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, AdapterLinear)]
+
+
+def _adapter_params(model):
+    """(qualified name, parameter) of adapter factors only: each adapter's own, not its base's."""
+    return [(f"{name}.{pname}", p) for name, mod in adapter_layers(model)
+            for pname, p in mod.named_parameters(recurse=False)]
+
+
+def mark_only_adapters_trainable(model):
+    """requires_grad=True on adapter factors, False on everything else."""
+    model.requires_grad_(False)
+    for _, p in _adapter_params(model):
+        p.requires_grad_(True)
+
+
+def count_trainable_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adapter_state_dict(model):
+    """The adapter factors only (a few MB, not the whole model), detached, ready for torch.save."""
+    if any(mod.merged for _, mod in adapter_layers(model)):
+        raise ValueError("adapters are merged into the base weights; call unmerge_adapters(model) before saving")
+    return {name: p.detach().clone() for name, p in _adapter_params(model)}
+
+
+def load_adapter_state_dict(model, state_dict):
+    """Load factors saved by adapter_state_dict into a model wrapped the same way (same targets,
+    method, r, k, hybrid_r). Raises ValueError on any missing, unexpected or mis-shaped tensor."""
+    params = dict(_adapter_params(model))
+    missing = sorted(params.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - params.keys())
+    wrong = [f"{n}: saved {tuple(state_dict[n].shape)} vs model {tuple(p.shape)}"
+             for n, p in params.items() if n in state_dict and state_dict[n].shape != p.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"adapter state dict does not fit this model: missing={missing}, "
+                         f"unexpected={unexpected}, shape mismatches={wrong}")
+    if any(mod.merged for _, mod in adapter_layers(model)):
+        raise ValueError("adapters are merged; call unmerge_adapters(model) before loading new factors")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state_dict[n])
+
+
+def merge_adapters(model):
+    """Fold every adapter into its base weight (inference at the base model's cost)."""
+    for _, mod in adapter_layers(model):
+        mod.merge()
+
+
+def unmerge_adapters(model):
+    for _, mod in adapter_layers(model):
+        mod.unmerge()
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face PEFT interoperability (peft.tuners.gralora, same r / hybrid_r / alpha meaning)
+#
+# PEFT stores one A and one B per input / output slice, with the block index folded into the rank:
+#   gralora_A: (k, n, r)  gralora_A[j, :, i*s:(i+1)*s] = A[i, j].T
+#   gralora_B: (k, r, m)  gralora_B[i, j*s:(j+1)*s, :] = B[i, j].T
+# and the hybrid part as the weights of two bias-free Linears.
+
+
+def to_peft_gralora(layer):
+    """A GraLoRALinear's factors in PEFT's layout (keys as in PEFT's adapter state dict, minus the
+    module prefix)."""
+    k, _, s, n = layer.A.shape
+    m = layer.B.shape[2]
+    out = {
+        "gralora_A": layer.A.detach().permute(1, 3, 0, 2).reshape(k, n, k * s).clone(),  # (j, n, i*s)
+        "gralora_B": layer.B.detach().permute(0, 1, 3, 2).reshape(k, k * s, m).clone(),  # (i, j*s, m)
+    }
+    if layer.hybrid_r > 0:
+        out["gralora_A_general.weight"] = layer.hybrid_A.detach().clone()  # (hybrid_r, N)
+        out["gralora_B_general.weight"] = layer.hybrid_B.detach().clone()  # (M, hybrid_r)
+    return out
+
+
+def load_peft_gralora(layer, tensors):
+    """Inverse of to_peft_gralora: copy PEFT-layout factors into a GraLoRALinear of the same
+    r, k and hybrid_r (ValueError on a shape mismatch)."""
+    k, _, s, n = layer.A.shape
+    m = layer.B.shape[2]
+    expected = {"gralora_A": (k, n, k * s), "gralora_B": (k, k * s, m)}
+    if layer.hybrid_r > 0:
+        expected["gralora_A_general.weight"] = tuple(layer.hybrid_A.shape)
+        expected["gralora_B_general.weight"] = tuple(layer.hybrid_B.shape)
+    got = {key: tuple(t.shape) for key, t in tensors.items()}
+    if got != expected:
+        raise ValueError(f"PEFT tensors {got} do not fit this layer (r={layer.r}, k={k}, "
+                         f"hybrid_r={layer.hybrid_r}), which expects {expected}")
+    with torch.no_grad():
+        layer.A.copy_(tensors["gralora_A"].reshape(k, n, k, s).permute(2, 0, 3, 1))  # (i, j, s, n)
+        layer.B.copy_(tensors["gralora_B"].reshape(k, k, s, m).permute(0, 1, 3, 2))  # (i, j, m, s)
+        if layer.hybrid_r > 0:
+            layer.hybrid_A.copy_(tensors["gralora_A_general.weight"])
+            layer.hybrid_B.copy_(tensors["gralora_B_general.weight"])
+
+
+# -----------------------------------------------------------------------------
+# Parity accounting (paper Sec. 4.2, Table 1 and App. C). k = 1 is LoRA.
+
+
+def adapter_params(in_features, out_features, r, k=1, hybrid_r=0):
+    """Trainable parameters of one adapted layer: k^2 blocks * s * (n + m) = r * (N + M)."""
+    N, M, s = in_features, out_features, r // k
+    return k * k * s * (N // k + M // k) + hybrid_r * (N + M)
+
+
+def adapter_flops(tokens, in_features, out_features, r, k=1, hybrid_r=0, exact=False):
+    """Forward FLOPs of the adapter path for `tokens` tokens (backward costs twice this).
+
+    exact=False: the usual matmul count, 2 FLOPs per multiply-add: 2 * T * r * (N + M), whatever k.
+    exact=True: the paper's App. C count, where a dot product of length L costs L multiplies and
+    L - 1 additions. Down-projection: k^2 blocks * T * s * (2n - 1) = T * r * (2N - k); up-projection:
+    T * M * (2r - 1), as every output sums r latent values in both methods. So GraLoRA needs
+    (k - 1) * r * T fewer than LoRA. The hybrid part adds a LoRA's count plus T * M to add its
+    output to the blocks'. Scaling and the base layer are not counted.
+    """
+    T, N, M = tokens, in_features, out_features
+    if not exact:
+        return 2 * T * (r + hybrid_r) * (N + M)
+    flops = T * r * (2 * N - k) + T * M * (2 * r - 1)
+    if hybrid_r > 0:
+        flops += T * hybrid_r * (2 * N - 1) + T * M * (2 * hybrid_r - 1) + T * M
+    return flops
+
+
+def adapter_latent(tokens, r, k=1, hybrid_r=0):
+    """Values between A and B kept for backward: T * k * r for GraLoRA (T * r for LoRA)."""
+    return tokens * (k * r + hybrid_r)
