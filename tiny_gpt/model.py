@@ -1,0 +1,214 @@
+"""A tiny causal GPT in the style of nanoGPT, small enough to pretrain on a laptop CPU in minutes.
+
+It follows GPT-2 (Radford et al., 2019) as nanoGPT (Karpathy) writes it: token and position embeddings,
+pre-LayerNorm blocks of causal self-attention and an MLP, a final LayerNorm, and an output head tied to the
+token embedding. The module names are GPT-2's (`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `attn.c_proj`,
+`ln_2`, `mlp.c_fc`, `mlp.c_proj`, `ln_f`, `lm_head`), so adapter target patterns written for GPT-2 work here.
+
+One addition to nanoGPT: an optional key/value cache, so that greedy decoding of a batch of prompts costs one
+new token per step instead of re-reading the whole sequence. Evaluating pass@1 on hundreds of prompts is then
+a matter of seconds.
+
+Shapes: B = batch, T = sequence length, C = n_embd, nh = n_head, hs = C // nh (head size), V = vocab_size.
+The model never names a device: it runs wherever its parameters and inputs are.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class KVCache:
+    """The keys and values of one attention layer for every token decoded so far.
+
+    Decoding token t needs the keys and values of tokens 0..t-1, which do not change once computed (the
+    model is causal), so we keep them instead of recomputing them at every step.
+    """
+
+    def __init__(self):
+        self.k = None  # (B, nh, T_past, hs)
+        self.v = None  # (B, nh, T_past, hs)
+
+    def __len__(self):
+        return 0 if self.k is None else self.k.size(2)
+
+    def extend(self, k, v):
+        """Append the new tokens' keys and values; return those of every token so far."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)  # (B, nh, T_past + T, hs)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)  # (B, nh, T_past + T, hs)
+        return self.k, self.v
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where token t only sees tokens 0..t."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0 if cache is None else len(cache)
+        if cache is not None:
+            k, v = cache.extend(k, v)  # (B, nh, past + T, hs)
+        if past > 0 and T != 1:
+            raise ValueError(f"with a non-empty cache, feed one token at a time (got T={T} after {past} tokens)")
+        # Without a past, the causal mask hides the future. With a past, the single new token is the last
+        # one, so it may attend to every cached key and needs no mask.
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=past == 0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: widen 4x, GELU, project back."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # longest sequence (context) in tokens; one toy task fits in about 200 characters
+    vocab_size: int = 96  # the character tokenizer's alphabet: newline + printable ASCII
+    n_layer: int = 4  # number of transformer blocks
+    n_head: int = 4  # attention heads per block; must divide n_embd
+    n_embd: int = 128  # width C; adapters see linears of shape C -> 3C, C -> C, C -> 4C and 4C -> C
+    dropout: float = 0.0  # no dropout: the models are small and trained briefly
+    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
+
+
+class GPT(nn.Module):
+    """The language model: embeddings, `n_layer` blocks, final LayerNorm, tied output head."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf, 2017): the output head reuses the token embedding matrix.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: the projections that write into the residual stream get std 0.02 / sqrt(2 L).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        """Number of parameters, the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, cache=None):
+        """Next-token logits for every position, and the cross-entropy loss if `targets` are given.
+
+        Args:
+            idx: (B, T) token ids.
+            targets: (B, T) the token that should follow each position; -1 marks positions left out of the
+                loss (prompt tokens and padding during fine-tuning).
+            cache: a list of one KVCache per block, for decoding; None for an ordinary full pass.
+
+        Returns:
+            logits (B, T, V) and the mean loss over the counted positions (None without targets).
+        """
+        B, T = idx.size()
+        start = 0 if cache is None else len(cache[0])
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache[i])
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, stop=None):
+        """Greedy decoding: append the most likely next token, `max_new_tokens` times at most.
+
+        All rows of `idx` share one length (group prompts by length to batch them). With `stop`, a sequence of
+        token ids, decoding ends early once every row has produced it; rows that finish first keep decoding
+        until then, so callers cut each row at its first stop sequence.
+
+        Args:
+            idx: (B, T) prompt token ids.
+            max_new_tokens: most tokens to add; also capped by block_size.
+            stop: optional list of token ids that ends a completion (e.g. the ids of "\\n\\n").
+
+        Returns:
+            (B, T + n) the prompts followed by n <= max_new_tokens generated tokens.
+        """
+        max_new_tokens = min(max_new_tokens, self.config.block_size - idx.size(1))
+        cache = [KVCache() for _ in self.transformer.h]
+        stop = None if not stop else torch.tensor(stop, device=idx.device)
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,)
+        new = idx  # the tokens not yet seen by the model: the whole prompt first, then one token per step
+        for n in range(1, max_new_tokens + 1):
+            logits, _ = self(new, cache=cache)  # (B, T_new, V)
+            new = logits[:, -1, :].argmax(dim=-1, keepdim=True)  # (B, 1)
+            idx = torch.cat([idx, new], dim=1)  # (B, T + n)
+            if stop is not None and n >= len(stop):  # look for the stop sequence among new tokens only
+                done |= (idx[:, -len(stop):] == stop).all(dim=1)
+                if done.all():
+                    break
+        return idx
