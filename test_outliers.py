@@ -1,0 +1,218 @@
+"""Tests for tiny_gpt/outliers.py: planted outliers, channel RMS, and the update each adapter induces.
+
+    python -m pytest -q test_outliers.py
+
+Checked against oracles, in float64 where exactness is claimed:
+  * planting an outlier leaves the base model's logits unchanged and multiplies that channel's RMS by s;
+  * induced_update equals the first-order change of delta_weight() after one real SGD step on the adapter's
+    factors, with gradients from autograd (a central difference, which is exact for dW bilinear in A and B);
+  * locality: with X zero except one channel, LoRA's update reaches every column, GraLoRA's stays in that
+    channel's input slice (exact zeros elsewhere).
+Small, seeded, CPU, a few seconds.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import gralora
+from tiny_gpt import outliers
+from tiny_gpt.model import GPT, GPTConfig
+
+CONFIG = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=16)
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(CONFIG).double()
+    with torch.no_grad():  # a non-trivial LayerNorm, so the test does not rely on gain 1, bias 0
+        for name, p in model.named_parameters():
+            if ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tokens(seed=0, B=3, T=24):
+    return torch.randint(0, CONFIG.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- measure and plant
+
+
+def test_channel_rms_shapes():
+    model = tiny_gpt()
+    rms = outliers.channel_rms(model, tokens())
+    C = CONFIG.n_embd
+    expected = {"attn.c_attn": C, "attn.c_proj": C, "mlp.c_fc": C, "mlp.c_proj": 4 * C}
+    assert len(rms) == 4 * CONFIG.n_layer
+    for name, values in rms.items():
+        suffix = next(s for s in expected if name.endswith(s))
+        assert values.shape == (expected[suffix],) and (values >= 0).all()
+    summary = outliers.rms_summary(rms)
+    assert all(s["ratio"] >= 1 and s["max"] == rms[n].max().item() for n, s in summary.items())
+
+
+def test_channel_rms_sees_through_adapters():
+    model = tiny_gpt()
+    before = outliers.channel_rms(model, tokens())
+    gralora.add_adapters(model, list(outliers.ADAPTED), method="gralora", r=4, k=2)
+    after = outliers.channel_rms(model, tokens())
+    assert before.keys() == after.keys()
+    for name in before:  # B = 0: the adapters change nothing yet
+        torch.testing.assert_close(before[name], after[name])
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0, 100.0])
+@pytest.mark.parametrize("layer", ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"])
+def test_plant_preserves_logits_and_grows_rms(layer, scale):
+    model, channel = tiny_gpt(), 5
+    idx = tokens()
+    logits_before, _ = model(idx)
+    rms_before = outliers.channel_rms(model, idx)
+    outliers.plant_outlier(model, layer, channel, scale)
+    logits_after, _ = model(idx)
+    rms_after = outliers.channel_rms(model, idx)
+    torch.testing.assert_close(logits_after, logits_before, rtol=1e-12, atol=1e-12)
+    ratio = rms_after[layer] / rms_before[layer]  # (N,)
+    others = torch.ones_like(ratio, dtype=torch.bool)
+    others[channel] = False
+    torch.testing.assert_close(ratio[channel].item(), scale, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ratio[others], torch.ones_like(ratio[others]))
+    for name in rms_before:  # no other layer's input changed
+        if name != layer:
+            torch.testing.assert_close(rms_after[name], rms_before[name])
+
+
+def test_plant_outliers_everywhere():
+    model = tiny_gpt()
+    idx = tokens()
+    logits_before, _ = model(idx)
+    planted = outliers.plant_outliers(model, 50.0, channel=3)
+    assert len(planted) == 2 * CONFIG.n_layer
+    torch.testing.assert_close(model(idx)[0], logits_before, rtol=1e-12, atol=1e-12)
+    summary = outliers.rms_summary(outliers.channel_rms(model, idx))
+    assert all(summary[name]["argmax"] == 3 for name in planted)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(layer="transformer.h.0.attn.c_proj"), "not fed by a LayerNorm"),
+    (dict(layer="transformer.h.9.mlp.c_fc"), "no module named"),
+    (dict(channel=16), r"channel must be an integer in \[0, 16\).*channel=16"),
+    (dict(channel=-1), "channel=-1"),
+    (dict(scale=0.0), "scale=0.0"),
+    (dict(scale=float("inf")), "scale=inf"),
+    (dict(scale=-2), "scale=-2"),
+])
+def test_plant_argument_errors(kwargs, match):
+    args = dict(layer="transformer.h.0.mlp.c_fc", channel=1, scale=10.0) | kwargs
+    with pytest.raises(ValueError, match=match):
+        outliers.plant_outlier(tiny_gpt(), **args)
+
+
+def test_plant_refuses_adapted_layer():
+    model = tiny_gpt()
+    gralora.add_adapters(model, ["mlp.c_fc"], method="lora", r=2)
+    with pytest.raises(ValueError, match="already has an adapter"):
+        outliers.plant_outlier(model, "transformer.h.0.mlp.c_fc", 1, 10.0)
+
+
+# ---------------------------------------------------------------- the induced update
+
+
+def adapter(method, N=12, M=8, r=4, k=2, hybrid_r=0, seed=0, random_B=True):
+    torch.manual_seed(seed)
+    base = nn.Linear(N, M, dtype=torch.float64)
+    layer = (gralora.LoRALinear(base, r) if method == "lora"
+             else gralora.GraLoRALinear(base, r, k=k, hybrid_r=hybrid_r))
+    if random_B:
+        with torch.no_grad():
+            for name, p in layer.named_parameters():
+                if name.endswith("B"):
+                    p.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("method,k,hybrid_r", [("lora", 1, 0), ("gralora", 2, 0), ("gralora", 4, 0),
+                                                ("gralora", 2, 2)])
+def test_induced_update_is_the_first_order_sgd_change(method, k, hybrid_r):
+    """Oracle: autograd's gradients on A and B, one real SGD step each way, central difference of dW."""
+    layer = adapter(method, r=4, k=k, hybrid_r=hybrid_r)
+    x = torch.randn(10, 12, dtype=torch.float64)
+    layer.base.weight.requires_grad_(True)
+    (layer(x) ** 3).sum().backward()  # any loss; G is its gradient with respect to the weight
+    G = layer.base.weight.grad
+    lr = 1e-3
+    predicted = outliers.induced_update(layer, G, lr)  # from the factors before the step
+    factors = [p for name, p in layer.named_parameters() if not name.startswith("base")]
+    with torch.no_grad():
+        for p in factors:
+            p -= lr * p.grad
+        dW_plus = layer.delta_weight().clone()
+        for p in factors:
+            p += 2 * lr * p.grad
+        dW_minus = layer.delta_weight().clone()
+    first_order = (dW_plus - dW_minus) / 2  # exact: the lr^2 terms cancel
+    torch.testing.assert_close(predicted, first_order, rtol=1e-10, atol=1e-12)
+
+
+def test_induced_update_at_k1_is_lora():
+    lora = adapter("lora", seed=3)
+    gra = gralora.GraLoRALinear(copy.deepcopy(lora.base), 4, k=1)
+    with torch.no_grad():
+        gra.A.copy_(lora.A[None, None])
+        gra.B.copy_(lora.B[None, None])
+    G = torch.randn(8, 12, dtype=torch.float64)
+    torch.testing.assert_close(outliers.induced_update(gra, G), outliers.induced_update(lora, G))
+
+
+def test_locality_of_an_outlier_channel():
+    """X zero except channel c: FFT's gradient is column c only. With B = 0 (the init), LoRA's induced update
+    has non-zero entries in every column; GraLoRA's is exactly zero outside c's input slice."""
+    N, M, r, k, c = 12, 8, 4, 2, 7  # slice of channel 7 (n = 6): columns 6..11
+    X = torch.zeros(20, N, dtype=torch.float64)
+    X[:, c] = 100.0 * torch.randn(20, dtype=torch.float64)
+    dY = torch.randn(20, M, dtype=torch.float64)
+    G = dY.t() @ X  # (M, N): dL/dW = dY^T X
+    assert (G[:, [i for i in range(N) if i != c]] == 0).all()
+
+    lora = outliers.induced_update(adapter("lora", random_B=False), G)
+    assert (lora.abs() > 0).all()  # every entry, every column
+
+    gra = outliers.induced_update(adapter("gralora", k=k, random_B=False), G)
+    n = N // k
+    inside = slice((c // n) * n, (c // n + 1) * n)
+    assert (gra[:, :inside.start] == 0).all() and (gra[:, inside.stop:] == 0).all()  # exact zeros
+    assert (gra[:, inside].abs() > 0).all()
+
+    leak_lora = outliers.outlier_leak(adapter("lora", random_B=False), G, c)
+    leak_gra = outliers.outlier_leak(adapter("gralora", k=k, random_B=False), G, c)
+    assert leak_lora["columns_touched"] == 1.0
+    assert leak_gra["columns_touched"] == pytest.approx((n - 1) / (N - 1))
+    assert leak_gra["columns_swamped"] == pytest.approx((n - 1) / (N - 1))  # nothing else to swamp there
+
+
+def test_deviation_basics():
+    G = torch.randn(6, 5, dtype=torch.float64)
+    assert outliers.deviation(G, -3 * G) == pytest.approx(0, abs=1e-12)
+    assert outliers.deviation(G, G) == pytest.approx(2)
+    U = -G.clone()
+    U[:, 0] = 0
+    assert outliers.deviation(G, U, columns=[1, 2, 3, 4]) == pytest.approx(0, abs=1e-12)
+
+
+def test_induced_update_argument_error():
+    with pytest.raises(ValueError, match="LoRALinear or GraLoRALinear, got Linear"):
+        outliers.induced_update(nn.Linear(4, 4), torch.zeros(4, 4))
+
+
+def test_gradient_deviation_on_a_gpt():
+    model = tiny_gpt().float()
+    outliers.plant_outliers(model, 30.0, channel=2)
+    idx = tokens(B=2, T=16)
+    batches = [(idx[:, :-1], idx[:, 1:])] * 2
+    rows = outliers.gradient_deviation(model, batches, "gralora", r=4, k=2, channel=2, train_steps=1)
+    assert len(rows) == 4 * CONFIG.n_layer
+    for row in rows:
+        assert 0 <= row["deviation"] <= 2 and 0 <= row["leak_share"] <= 1
