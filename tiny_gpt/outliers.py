@@ -51,6 +51,8 @@ import torch.nn as nn
 import gralora
 from gralora import AdapterLinear, GraLoRALinear, LoRALinear
 
+from .model import GPT
+
 # The Linear layers adapters go on (DESIGN.md), named as in GPT-2, and the LayerNorm that feeds each of the
 # two that read a LayerNorm's output directly. Only those two can get a function-preserving planted outlier:
 # attn.c_proj reads the attention output and mlp.c_proj reads GELU(c_fc(x)), and GELU(s z) != s GELU(z).
@@ -340,3 +342,394 @@ def gradient_deviation(base, batches, method, r, k=2, hybrid_r=0, seed=0, channe
         rows.append(dict(layer=name, deviation=deviation(G, U), deviation_others=deviation(G, U, others),
                          **outlier_leak(layer, G, channel)))
     return rows
+
+
+def planted_state(base_state, gpt_cfg, scale, channel=0):
+    """A pretrained state dict with outliers planted in every block (plant_outliers), ready to hand to
+    tiny_gpt.train.finetune as its base_state. scale = 1 returns base_state itself."""
+    if scale == 1:
+        return base_state
+    model = GPT(gpt_cfg)
+    model.load_state_dict(base_state)
+    plant_outliers(model, scale, channel)
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def _mean_std(values):
+    values = list(values)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def gradient_study(base_state, gpt_cfg, batches, ranks, scales, seeds, channel=0, train_steps=(0,), lr=1e-2,
+                   log=print):
+    """gradient_deviation over methods x ranks x outlier scales x seeds x adapter states.
+
+    The adapter state is the init (train_steps = 0, B = 0) or after a few AdamW steps (B != 0). Each row
+    averages the layers the outlier is planted in (every attn.c_attn and mlp.c_fc), and separately the
+    others (attn.c_proj, mlp.c_proj: no outlier, a control).
+    """
+    from .train import adapter_spec
+
+    rows = []
+    for scale in scales:
+        base = GPT(gpt_cfg)
+        base.load_state_dict(planted_state(base_state, gpt_cfg, scale, channel))
+        for steps in train_steps:
+            for rank in ranks:
+                for method in ("lora", "gralora"):
+                    r, k, hybrid_r = adapter_spec(method, rank, width=gpt_cfg.n_embd)
+                    for seed in seeds:
+                        start = time.time()
+                        per_layer = gradient_deviation(base, batches[: steps] + batches[-1:], method, r, k, hybrid_r,
+                                                       seed, channel, train_steps=steps, lr=lr)
+                        for group, suffixes in (("planted", tuple(FED_BY)), ("control", ("attn.c_proj", "mlp.c_proj"))):
+                            chosen = [row for row in per_layer if row["layer"].endswith(suffixes)]
+                            row = dict(method=method, r=r, k=k, seed=seed, outlier_scale=scale, train_steps=steps,
+                                       layers=group)
+                            for key in ("deviation", "deviation_others", "leak_share", "columns_touched",
+                                        "columns_swamped"):
+                                row[key] = statistics.fmean(x[key] for x in chosen)
+                            rows.append(row)
+                        log(f"gradients s={scale} steps={steps} {method} r={r} k={k} seed={seed}: "
+                            f"deviation {rows[-2]['deviation']:.3f}, others {rows[-2]['deviation_others']:.3f}, "
+                            f"swamped {rows[-2]['columns_swamped']:.2f} ({time.time() - start:.1f}s)")
+    return rows
+
+
+def summarize(rows, keys, values):
+    """Group rows by `keys`; for each value: mean, std over the group and n. Returns a list of dicts."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(tuple(row[key] for key in keys), []).append(row)
+    out = []
+    for key, group in groups.items():
+        entry = dict(zip(keys, key), n=len(group))
+        for value in values:
+            xs = [row[value] for row in group if row.get(value) is not None]
+            if xs:
+                entry[value], entry[value + "_std"] = _mean_std(xs)
+                entry[value + "_se"] = entry[value + "_std"] / math.sqrt(len(xs))
+        out.append(entry)
+    return out
+
+
+def plot_gradient_study(rows, path):
+    """Deviation from FFT's gradient vs rank, LoRA and GraLoRA, with and without the planted outlier."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in rows if row["layers"] == "planted"]
+    panels = [("deviation", "1 - cos(update, FFT), all columns"),
+              ("deviation_others", "1 - cos, all but the outlier column"),
+              ("columns_swamped", "share of other columns swamped by\nthe outlier's leak")]
+    states = sorted({row["train_steps"] for row in rows})
+    fig, axes = plt.subplots(len(states), len(panels), figsize=(4.2 * len(panels), 3.3 * len(states)), squeeze=False)
+    scales = sorted({row["outlier_scale"] for row in rows})
+    for si, steps in enumerate(states):
+        summary = summarize([row for row in rows if row["train_steps"] == steps],
+                            ("method", "outlier_scale", "r"), [p for p, _ in panels])
+        for pi, (value, title) in enumerate(panels):
+            ax = axes[si][pi]
+            for method, style in (("lora", "-"), ("gralora", "--")):
+                for ci, scale in enumerate(scales):
+                    pts = sorted((e["r"], e[value], e[value + "_std"]) for e in summary
+                                 if e["method"] == method and e["outlier_scale"] == scale)
+                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], ls=style,
+                                marker="o", ms=3, capsize=2, color=f"C{ci}", label=f"{method}, s={scale:g}")
+            ax.set_xscale("log", base=2)
+            state = f"adapters after {steps} AdamW steps" if steps else "adapters at init (B = 0)"
+            ax.set(xlabel="rank r", title=f"{title}\n{state}")
+            if si == 0 and pi == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Fine-tuning with and without planted outliers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def completion_loss_se(model, examples, device, batch_size=64):
+    """The per-character completion loss over `examples` (as train.completion_loss computes it) and its
+    standard error over tasks: a ratio of sums, L = sum_i l_i / sum_i n_i, so by the delta method
+    SE = sqrt(sum_i (l_i - L n_i)^2 * n / (n - 1)) / sum_i n_i, with l_i the summed loss of task i."""
+    from .train import collate
+
+    model.eval()
+    sums, counts = [], []
+    for start in range(0, len(examples), batch_size):
+        x, y = collate(examples[start : start + batch_size], device)  # (B, T), (B, T)
+        logits, _ = model(x)  # (B, T, V)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="none")  # (B, T)
+        sums += nll.sum(dim=1).tolist()
+        counts += (y != -1).sum(dim=1).tolist()
+    n, total = len(sums), sum(counts)
+    L = sum(sums) / total
+    se = math.sqrt(sum((l - L * c) ** 2 for l, c in zip(sums, counts)) * n / max(1, n - 1)) / total
+    return L, se
+
+
+def study_grid(ranks, scales, seeds, methods=("lora", "gralora", "fft", "hybrid")):
+    """(method, rank, outlier_scale, seed) runs in priority order, so a run cut short by its time budget has
+    finished the most important comparisons first:
+      1. LoRA vs GraLoRA at the smallest and largest rank, without and with the largest outlier;
+      2. FFT at those scales (rank-free);
+      3. the middle ranks and scales, then Hybrid (at ranks up to the middle one: the paper uses it at small r).
+    """
+    lo, hi = min(ranks), max(ranks)
+    s_lo, s_hi = min(scales), max(scales)
+    mid_r = sorted(ranks)[len(ranks) // 2]
+    runs = []
+
+    def add(method, rank, scale):
+        for seed in seeds:
+            key = (method, None if method == "fft" else rank, scale, seed)
+            if method in methods and key not in runs:
+                runs.append(key)
+
+    for scale in (s_lo, s_hi):
+        for rank in (lo, hi):
+            for method in ("lora", "gralora"):
+                add(method, rank, scale)
+    for scale in (s_lo, s_hi):
+        add("fft", None, scale)
+    for scale in sorted(scales):
+        for rank in sorted(ranks):
+            for method in ("lora", "gralora"):
+                add(method, rank, scale)
+        add("fft", None, scale)
+    for scale in sorted(scales):
+        for rank in sorted(r for r in ranks if r <= mid_r):
+            add("hybrid", rank, scale)
+    return runs
+
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def finetune_study(base_state, preset, runs, out_path, channel=0, device="cpu", max_minutes=None, log=print):
+    """Fine-tune every (method, rank, outlier_scale, seed) in `runs` and append one JSON row per run to
+    `out_path` as soon as it finishes (rows already in the file are kept and not run again, so a stopped
+    study resumes). Stops starting new runs once `max_minutes` have passed. Returns all rows."""
+    from .data import CharTokenizer
+    from .train import encode_tasks, finetune, tasks_for
+
+    rows = json.load(open(out_path)) if os.path.exists(out_path) else []
+    done = {(row["method"], row["rank_budget"], row["outlier_scale"], row["seed"]) for row in rows}
+    val_examples = encode_tasks(tasks_for(preset.train).val, CharTokenizer())
+    states, start = {}, time.time()
+    todo = [run for run in runs if run not in done]
+    log(f"{len(runs) - len(todo)} of {len(runs)} runs already in {out_path}; {len(todo)} to go")
+    for i, (method, rank, scale, seed) in enumerate(todo):
+        if max_minutes is not None and time.time() - start > 60 * max_minutes:
+            log(f"time budget of {max_minutes} min spent; {len(todo) - i} runs not started")
+            break
+        if scale not in states:
+            states[scale] = planted_state(base_state, preset.gpt, scale, channel)
+        t0 = time.time()
+        result = finetune(states[scale], method, rank, seed=seed, preset=preset, device=device, log=lambda s: None)
+        model = result.pop("model")
+        val_loss, val_loss_se = completion_loss_se(model, val_examples, device)
+        p, n_test = result["pass_at_1"], preset.train.n_test
+        row = dict(method=method, r=result["r"], k=result["k"], hybrid_r=result["hybrid_r"], seed=seed,
+                   outlier_scale=scale, trainable_params=result["trainable_params"], val_loss=val_loss,
+                   val_loss_se=val_loss_se, pass_at_1=p, pass_at_1_se=math.sqrt(p * (1 - p) / n_test),
+                   seconds=result["seconds"], rank_budget=rank, n_val=len(val_examples), n_test=n_test,
+                   final_train_loss=result["curve"][-1][1] if result["curve"] else None)
+        rows.append(row)
+        _write_json(out_path, rows)
+        log(f"[{i + 1}/{len(todo)}] {method} rank={rank} s={scale:g} seed={seed}: val {val_loss:.4f} "
+            f"+- {val_loss_se:.4f}, pass@1 {p:.3f} +- {row['pass_at_1_se']:.3f} | train {result['seconds']:.0f}s, "
+            f"total {time.time() - t0:.0f}s, elapsed {(time.time() - start) / 60:.1f} min")
+    return rows
+
+
+def _label(row):
+    return row["method"] if row["method"] == "fft" else f"{row['method']} r={row['rank_budget']}"
+
+
+def finetune_table(rows):
+    """The study's table: mean +- std over seeds, the standard error of that mean (std / sqrt(n)), and the
+    mean within-run sampling error of the held-out sets; then GraLoRA - LoRA paired by seed."""
+    lines = [f"{'method':<9}{'rank':>5}{'k':>3}{'s':>6}{'n':>3}  {'val loss mean+-std (SE)':<28}"
+             f"{'pass@1 mean+-std (SE)':<26}{'held-out SE':<18}{'params':>8}{'sec':>6}"]
+    summary = summarize(rows, ("method", "rank_budget", "outlier_scale"),
+                        ["val_loss", "pass_at_1", "val_loss_se", "pass_at_1_se", "seconds", "trainable_params"])
+    order = {"fft": 0, "lora": 1, "gralora": 2, "hybrid": 3}
+    summary.sort(key=lambda e: (e["outlier_scale"], order[e["method"]], e["rank_budget"] or 0))
+    ks = {(row["method"], row["rank_budget"]): row["k"] for row in rows}
+    for e in summary:
+        k = ks[(e["method"], e["rank_budget"])]
+        lines.append(
+            f"{e['method']:<9}{e['rank_budget'] or '-':>5}{k or '-':>3}{e['outlier_scale']:>6g}{e['n']:>3}  "
+            f"{e['val_loss']:.4f}+-{e['val_loss_std']:.4f} ({e['val_loss_std'] / math.sqrt(e['n']):.4f})   "
+            f"{e['pass_at_1']:.3f}+-{e['pass_at_1_std']:.3f} ({e['pass_at_1_std'] / math.sqrt(e['n']):.3f})   "
+            f"{e['val_loss_se']:.4f} / {e['pass_at_1_se']:.3f}  {e['trainable_params']:>8.0f}{e['seconds']:>6.0f}")
+    lines.append("")
+    lines.append("GraLoRA - LoRA, paired by seed (same batches, same base): mean +- SE over seeds")
+    by_key = {(row["method"], row["rank_budget"], row["outlier_scale"], row["seed"]): row for row in rows}
+    pairs = {}
+    for (method, rank, scale, seed), row in by_key.items():
+        other = by_key.get(("gralora", rank, scale, seed))
+        if method == "lora" and other:
+            pairs.setdefault((scale, rank), []).append((other["val_loss"] - row["val_loss"],
+                                                         other["pass_at_1"] - row["pass_at_1"]))
+    for (scale, rank), diffs in sorted(pairs.items()):
+        (dv, sv), (dp, sp) = _mean_std(d[0] for d in diffs), _mean_std(d[1] for d in diffs)
+        n = len(diffs)
+        lines.append(f"  s={scale:<5g} rank={rank:<4} n={n}: val loss {dv:+.4f} +- {sv / math.sqrt(n):.4f}   "
+                     f"pass@1 {dp:+.3f} +- {sp / math.sqrt(n):.3f}")
+    return "\n".join(lines)
+
+
+def plot_finetune_study(rows, path):
+    """Val loss and pass@1 vs rank, one column per outlier scale, one line per method (FFT: a band)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = sorted({row["outlier_scale"] for row in rows})
+    summary = summarize(rows, ("method", "rank_budget", "outlier_scale"), ["val_loss", "pass_at_1"])
+    fig, axes = plt.subplots(2, len(scales), figsize=(4.2 * len(scales), 6.4), squeeze=False, sharey="row")
+    colors = {"fft": "k", "lora": "C0", "gralora": "C3", "hybrid": "C2"}
+    for col, scale in enumerate(scales):
+        for row_i, (value, name) in enumerate((("val_loss", "val loss"), ("pass_at_1", "pass@1 (held-out)"))):
+            ax = axes[row_i][col]
+            for method in ("lora", "gralora", "hybrid"):
+                pts = sorted((e["rank_budget"], e[value], e[value + "_std"], e["n"]) for e in summary
+                             if e["method"] == method and e["outlier_scale"] == scale)
+                if pts:
+                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                                ms=4, capsize=3, color=colors[method], label=f"{method} (n={pts[0][3]})")
+            for e in summary:
+                if e["method"] == "fft" and e["outlier_scale"] == scale:
+                    ax.axhline(e[value], color="k", ls=":", label=f"fft (n={e['n']})")
+                    ax.axhspan(e[value] - e[value + "_std"], e[value] + e[value + "_std"], color="k", alpha=0.08)
+            ax.set_xscale("log", base=2)
+            ax.set(xlabel="rank (LoRA-equivalent budget)", ylabel=name if col == 0 else None,
+                   title=f"planted outlier s = {scale:g}" if row_i == 0 else None)
+            if row_i == 0 and col == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle("Fine-tuning the tiny GPT with a planted outlier channel (mean +- std over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole study from the command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _ints(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def _floats(text):
+    return [float(x) for x in text.split(",") if x]
+
+
+def main(argv=None):
+    import dataclasses
+
+    from .data import CharTokenizer, make_corpus
+    from .train import collate, encode_tasks, get_preset, pick_device, pretrain, tasks_for
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tiny_gpt.outliers",
+        description="Outlier channels and gradient entanglement on the tiny GPT: measure, plant, gradient "
+                    "deviation, and a fine-tuning study (LoRA, GraLoRA, Hybrid, FFT) with planted outliers.")
+    parser.add_argument("--parts", default="measure,gradients,finetune",
+                        help="comma-separated subset of measure, gradients, finetune")
+    parser.add_argument("--preset", default="cpu", help="model and training preset from tiny_gpt.train.PRESETS")
+    parser.add_argument("--ranks", type=_ints, default=[4, 16, 64], help="LoRA-equivalent ranks, e.g. 4,16,64")
+    parser.add_argument("--scales", type=_floats, default=[1.0, 10.0, 100.0], help="planted outlier factors s")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per configuration (0..seeds-1)")
+    parser.add_argument("--channel", type=int, default=0, help="the input channel that gets the outlier")
+    parser.add_argument("--methods", default="lora,gralora,fft,hybrid", help="fine-tuning methods to run")
+    parser.add_argument("--finetune-steps", type=int, default=100,
+                        help="fine-tuning steps (the cpu preset's 150 do not fit the study in 30 minutes)")
+    parser.add_argument("--n-test", type=int, default=None, help="override the preset's held-out task count")
+    parser.add_argument("--n-val", type=int, default=None, help="override the preset's validation task count")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop starting fine-tuning runs after this long (the grid is in priority order)")
+    parser.add_argument("--grad-ranks", type=_ints, default=[4, 16, 64], help="ranks of the gradient study")
+    parser.add_argument("--grad-scales", type=_floats, default=[1.0, 100.0], help="outlier factors of the gradient study")
+    parser.add_argument("--grad-batch", type=int, default=8, help="tasks per batch in the gradient study")
+    parser.add_argument("--grad-steps", type=_ints, default=[0, 10],
+                        help="adapter states of the gradient study: AdamW steps before measuring (0 = init)")
+    parser.add_argument("--grad-seeds", type=int, default=5, help="seeds of the gradient study")
+    parser.add_argument("--out", default="results/outliers.json",
+                        help="fine-tuning rows; the other parts write results/outliers_<part>.json/.png beside it")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    preset = get_preset(args.preset)
+    overrides = {name: value for name, value in (("finetune_steps", args.finetune_steps), ("n_test", args.n_test),
+                                                 ("n_val", args.n_val)) if value is not None}
+    preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, **overrides))
+    device = pick_device()
+    parts = args.parts.split(",")
+    stem = os.path.splitext(args.out)[0]
+    base_state, _ = pretrain(preset.gpt, preset.train, device)
+    tokenizer = CharTokenizer()
+
+    if "measure" in parts:
+        model = GPT(preset.gpt)
+        model.load_state_dict(base_state)
+        corpus = torch.tensor(tokenizer.encode(make_corpus(preset.train.data_seed + 1, 200)))
+        T = preset.gpt.block_size
+        idx = corpus[: (len(corpus) // T) * T].view(-1, T)[:16]  # (16, T): unseen programs
+        before = channel_rms(model, idx)
+        plant_outliers(model, max(args.scales), args.channel)
+        after = channel_rms(model, idx)
+        out = {"scale": max(args.scales), "channel": args.channel,
+               "base": rms_summary(before), "planted": rms_summary(after)}
+        _write_json(f"{stem}_rms.json", out)
+        layer = plantable_layers(model)[-1]
+        plot_channel_rms(before, after, layer, f"{stem}_rms.png")
+        print(f"{'layer':<30}{'max/median base':>16}{'planted':>10}")
+        for name in before:
+            print(f"{name:<30}{out['base'][name]['ratio']:>16.2f}{out['planted'][name]['ratio']:>10.2f}")
+
+    if "gradients" in parts:
+        examples = encode_tasks(tasks_for(preset.train).train, tokenizer)
+        B = args.grad_batch
+        batches = [collate(examples[i * B:(i + 1) * B], device) for i in range(max(args.grad_steps) + 1)]
+        rows = gradient_study(base_state, preset.gpt, batches, args.grad_ranks, args.grad_scales,
+                              list(range(args.grad_seeds)), args.channel, tuple(args.grad_steps),
+                              lr=preset.train.lr_adapter)
+        _write_json(f"{stem}_gradients.json", rows)
+        plot_gradient_study(rows, f"{stem}_gradients.png")
+        keys = ("train_steps", "outlier_scale", "r", "method")
+        print(f"{'steps':>5}{'s':>6}{'r':>4} {'method':<8} deviation (all cols)  (other cols)    "
+              f"swamped share    [planted layers, mean+-std over seeds]")
+        for e in sorted(summarize([r for r in rows if r["layers"] == "planted"], keys,
+                                  ["deviation", "deviation_others", "columns_swamped"]),
+                        key=lambda e: tuple(e[k] for k in keys)):
+            print(f"{e['train_steps']:>5}{e['outlier_scale']:>6g}{e['r']:>4} {e['method']:<8} "
+                  f"{e['deviation']:.3f}+-{e['deviation_std']:.3f}      {e['deviation_others']:.3f}+-"
+                  f"{e['deviation_others_std']:.3f}    {e['columns_swamped']:.3f}+-{e['columns_swamped_std']:.3f}")
+
+    if "finetune" in parts:
+        runs = study_grid(args.ranks, args.scales, list(range(args.seeds)), args.methods.split(","))
+        rows = finetune_study(base_state, preset, runs, args.out, args.channel, device, args.max_minutes)
+        plot_finetune_study(rows, f"{stem}.png")
+        print(finetune_table(rows))
+
+
+if __name__ == "__main__":
+    main()
