@@ -123,8 +123,8 @@ def plot_channel_rms(rms_before, rms_after, layer, path):
     import matplotlib.pyplot as plt
 
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.6))
-    ax0.plot(rms_before[layer].numpy(), lw=1, label="base model")
-    ax0.plot(rms_after[layer].numpy(), lw=1, alpha=0.8, label="outlier planted")
+    ax0.plot(rms_after[layer].numpy(), lw=1.5, color="C1", label="outlier planted")
+    ax0.plot(rms_before[layer].numpy(), lw=1, ls="--", color="C0", label="base model")
     ax0.set_yscale("log")
     ax0.set(xlabel="input channel", ylabel="RMS over tokens", title=f"input of {layer}")
     ax0.legend()
