@@ -216,3 +216,44 @@ def test_gradient_deviation_on_a_gpt():
     assert len(rows) == 4 * CONFIG.n_layer
     for row in rows:
         assert 0 <= row["deviation"] <= 2 and 0 <= row["leak_share"] <= 1
+
+
+# ---------------------------------------------------------------- the study's plumbing
+
+
+def test_planted_state_is_a_base_state_with_the_same_function():
+    model = tiny_gpt().float()
+    base = model.state_dict()
+    assert outliers.planted_state(base, CONFIG, 1) is base  # s = 1: nothing to plant
+    state = outliers.planted_state(base, CONFIG, 20.0, channel=4)
+    planted = GPT(CONFIG)
+    planted.load_state_dict(state)
+    idx = tokens()
+    torch.testing.assert_close(planted(idx)[0], model(idx)[0], rtol=1e-4, atol=1e-5)
+    rms = outliers.channel_rms(planted, idx)["transformer.h.1.mlp.c_fc"]
+    assert rms.argmax() == 4
+
+
+def test_completion_loss_se_matches_train():
+    from tiny_gpt.train import completion_loss
+    model = tiny_gpt().float()
+    examples = []
+    for i in range(7):  # (x, y) pairs of different lengths, the first 3 targets masked like a prompt
+        ids = tokens(seed=i, B=1, T=10 + i)[0]
+        y = ids[1:].clone()
+        y[:3] = -1
+        examples.append((ids[:-1], y))
+    loss, se = outliers.completion_loss_se(model, examples, "cpu", batch_size=3)
+    assert loss == pytest.approx(completion_loss(model, examples, "cpu"), rel=1e-5)
+    assert 0 < se < loss
+
+
+def test_study_grid_priorities():
+    runs = outliers.study_grid([4, 16, 64], [1.0, 10.0, 100.0], range(5))
+    assert len(runs) == len(set(runs))
+    first = runs[:40]  # LoRA vs GraLoRA, smallest and largest rank, no and largest outlier, 5 seeds
+    assert {(m, r, s) for m, r, s, _ in first} == {(m, r, s) for m in ("lora", "gralora") for r in (4, 64)
+                                                   for s in (1.0, 100.0)}
+    assert {m for m, *_ in runs[40:50]} == {"fft"}
+    assert all(r is None for m, r, *_ in runs if m == "fft")
+    assert max(r for m, r, *_ in runs if m == "hybrid") == 16

@@ -480,7 +480,8 @@ def study_grid(ranks, scales, seeds, methods=("lora", "gralora", "fft", "hybrid"
     finished the most important comparisons first:
       1. LoRA vs GraLoRA at the smallest and largest rank, without and with the largest outlier;
       2. FFT at those scales (rank-free);
-      3. the middle ranks and scales, then Hybrid (at ranks up to the middle one: the paper uses it at small r).
+      3. the middle ranks at those scales, then the middle scales at every rank;
+      4. Hybrid (at ranks up to the middle one: the paper uses it at small r).
     """
     lo, hi = min(ranks), max(ranks)
     s_lo, s_hi = min(scales), max(scales)
@@ -499,8 +500,8 @@ def study_grid(ranks, scales, seeds, methods=("lora", "gralora", "fft", "hybrid"
                 add(method, rank, scale)
     for scale in (s_lo, s_hi):
         add("fft", None, scale)
-    for scale in sorted(scales):
-        for rank in sorted(ranks):
+    for scale in (s_hi, s_lo) + tuple(sorted(set(scales) - {s_lo, s_hi})):
+        for rank in sorted(ranks, key=lambda r: (r in (lo, hi), -r)):
             for method in ("lora", "gralora"):
                 add(method, rank, scale)
         add("fft", None, scale)
