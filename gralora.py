@@ -174,19 +174,40 @@ class GraLoRALinear(AdapterLinear):
             nn.init.kaiming_uniform_(self.hybrid_A, a=math.sqrt(5))
 
     def adapter(self, x):
-        """The update path alone: scaling * (sum_j B_ij A_ij x_j  +  hybrid_B hybrid_A x)."""
-        k = self.k
-        lead = x.shape[:-1]
-        x_blocks = x.reshape(-1, k, x.shape[-1] // k)  # (T, k, n): x_j = x_blocks[:, j]
-        # Step 1, every block's down-projection: latent[t, i, j] = A_ij x_j. This is the k x
-        # larger latent: k*k blocks of s = r/k values, k*r per token (LoRA keeps r).
-        latent = torch.einsum("tjn,ijsn->tijs", x_blocks, self.A)  # (T, k, k, s)
-        # Step 2, up-project and sum over input blocks j: y_i = sum_j B_ij latent_ij.
-        y_blocks = torch.einsum("tijs,ijms->tim", latent, self.B)  # (T, k, m)
-        y = y_blocks.reshape(*lead, -1)  # (..., M): output slices side by side
-        if self.hybrid_r > 0:
-            y = y + (x @ self.hybrid_A.t()) @ self.hybrid_B.t()  # (..., M)
-        return self.scaling * y
+        """The update path alone: scaling * (sum_j B_ij A_ij x_j  +  hybrid_B hybrid_A x).
+
+        Two batched matmuls with exactly LoRA's FLOPs, laid out for speed: x is read in place (a
+        strided view, not a copy), and scaling is folded into the small B factors instead of
+        multiplying the (T, M) output.
+        """
+        k, r, h = self.k, self.r, self.hybrid_r
+        s, n, m = r // k, self.base.in_features // k, self.base.out_features // k
+        x2d = x.reshape(-1, k * n)  # (T, N)
+        T = x2d.shape[0]
+        x_blocks = x2d.view(T, k, n).transpose(0, 1)  # (k, T, n): x_blocks[j] = x_j, a view
+        # Step 1, down-projection, batched over input blocks j: slice x_j feeds the k adapters
+        # A_0j .. A_(k-1)j, so one matmul per j with those k adapters side by side.
+        A_by_input = self.A.permute(1, 3, 0, 2).reshape(k, n, r)  # (k, n, r): [j] = [A_0j^T .. A_k-1,j^T]
+        if h == 0:
+            latent = x_blocks @ A_by_input  # (k, T, r)
+        else:  # Hybrid: hybrid_A x = sum_j hybrid_A[:, slice j] x_j, so it rides along
+            hybrid_A_by_input = self.hybrid_A.view(h, k, n).permute(1, 2, 0)  # (k, n, h)
+            A_by_input = torch.cat([A_by_input, hybrid_A_by_input], dim=-1)  # (k, n, r + h)
+            latent, hybrid_parts = (x_blocks @ A_by_input).split([r, h], dim=-1)  # (k, T, r), (k, T, h)
+        # latent[j, :, i*s:(i+1)*s] = A_ij x_j: the k x larger latent, k*k blocks of s = r/k
+        # values, k*r per token (LoRA: r). Regroup it by output block for step 2 (a copy of
+        # T*k*r values, a fraction of x's T*N).
+        latent = latent.view(k, T, k, s).permute(2, 1, 0, 3).reshape(k, T, r)  # (k, T, r): [i] = [A_ij x_j]_j
+        # Step 2, up-projection, batched over output blocks i: y_i = sum_j B_ij latent_ij is one
+        # matmul per i with B_i0 .. B_i(k-1) stacked along the rank.
+        B_by_output = (self.scaling * self.B).transpose(2, 3).reshape(k, r, m)  # (k, r, m)
+        y_blocks = latent @ B_by_output  # (k, T, m): y_blocks[i] = scaling * y_i
+        y = y_blocks.transpose(0, 1)  # (T, k, m), a view: y[:, i] is output slice i
+        if h > 0:
+            hybrid_latent = hybrid_parts.sum(0)  # (T, h): hybrid_A x
+            hybrid = hybrid_latent @ (self.scaling * self.hybrid_B).t()  # (T, M)
+            y = hybrid.view(T, k, m) + y  # (T, k, m), laid out like hybrid: the add also reorders
+        return y.reshape(*x.shape[:-1], k * m)  # (..., M): slices side by side (without hybrid, a copy)
 
     def delta_weight(self):
         """dW, shape (M, N), computed in float32 (or float64): block (i, j) = scaling * B_ij A_ij."""

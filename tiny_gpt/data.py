@@ -1,12 +1,27 @@
 """Toy code data, generated from a seed: a pretraining corpus and a "toy HumanEval" fine-tuning task.
 
-Two different kinds of text, as in the paper's setting (a model pretrained on code, then tuned to follow
-instructions):
+Both are built from the same 22 list operations ("primitives", most with a number in them) and 5 ways to
+return, each known three ways: as a line of code, as a terse step notation, and as an English phrase.
 
-1. The pretraining corpus: small random Python programs (arithmetic functions, loops, list comprehensions).
-   It teaches the model Python's syntax and idioms, and no English at all.
+    primitive   code                               notation             English
+    add         xs = [x + 3 for x in xs]           [x + 3]              add 3 to each number
+    even        xs = [x for x in xs if x % 2 == 0] [? x % 2 == 0]       keep the even numbers
+    sum         return sum(xs)                     -> sum               return their sum
 
-2. The fine-tuning task: an instruction in words, written as a docstring, and the function body that does it:
+1. The pretraining corpus: small random Python programs (arithmetic, loops, list comprehensions) and
+   functions that chain primitives under a docstring in step notation:
+
+       def g(nums):
+           \"\"\"[v + 3] [? v % 2 == 0] -> sum\"\"\"
+           nums = [v + 3 for v in nums]
+           nums = [v for v in nums if v % 2 == 0]
+           return sum(nums)
+
+   So the base model knows Python and how to turn a list of steps into lines, but no English.
+
+2. The fine-tuning task (instruction -> function body, like HumanEval): the same kind of function, asked for
+   in English. Each task chains two primitives and a return, and its test is asserts whose expected values
+   come from running the reference body:
 
        def f(xs):
            \"\"\"Add 3 to each number, then keep the even numbers, then return their sum.\"\"\"
@@ -14,13 +29,13 @@ instructions):
            xs = [x for x in xs if x % 2 == 0]
            return sum(xs)
 
-   Every task chains two of 22 list operations ("primitives", most with a number in them) and ends with one of
-   5 ways to return. Its test is a few asserts whose expected values come from running the reference body.
+   Fine-tuning must teach what 27 English phrases (with their numbers) mean: a real update, as the base
+   model's near-zero pass@1 shows, and a many-entry mapping, where a tiny rank can fall short.
 
-Held-out tasks are new compositions: the ordered pairs of primitives are split three ways (train, val, test),
-so a test task applies two primitives that were each seen in training, but never one after the other. To pass,
-the model must map each phrase to its line of code and put the lines together, not recall a seen function.
-The val split (its own pairs) is the one to look at while choosing anything; the test split is only reported.
+Held-out tasks are new compositions. The ordered pairs of primitives are split three ways (train, val,
+test): a test task applies two primitives each seen in training, but never seen one after the other, neither
+in the fine-tuning tasks nor anywhere in the pretraining corpus. The val split (its own pairs) is the one to
+look at while choosing anything; the test split is only reported.
 
 A character tokenizer covers both kinds of text with a fixed alphabet, so token ids never depend on the data.
 """
@@ -56,52 +71,95 @@ class CharTokenizer:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The fine-tuning task
+# The primitives
 # ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Primitive:
-    """One step of a task: an English phrase and the line of code it means, both with an optional {n}."""
+    """One step: its line of code, step notation and English phrase. Templates use {xs} (the list), {x} (an
+    element) and {n} (the step's number, drawn from n_values; (None,) when the step has no number)."""
 
     name: str
-    phrase: str
     code: str
-    n_values: tuple = (None,)  # the numbers {n} can take; (None,) when the step has no number
+    notation: str
+    phrase: str
+    n_values: tuple = (None,)
+
+
+def _p(name, code, notation, phrase, n_values=(None,)):
+    return Primitive(name, code, notation, phrase, tuple(n_values))
 
 
 PRIMITIVES = [
-    Primitive("add", "add {n} to each number", "xs = [x + {n} for x in xs]", tuple(range(1, 10))),
-    Primitive("sub", "subtract {n} from each number", "xs = [x - {n} for x in xs]", tuple(range(1, 10))),
-    Primitive("mul", "multiply each number by {n}", "xs = [x * {n} for x in xs]", tuple(range(2, 10))),
-    Primitive("square", "square each number", "xs = [x * x for x in xs]"),
-    Primitive("negate", "negate each number", "xs = [-x for x in xs]"),
-    Primitive("abs", "take the absolute value of each number", "xs = [abs(x) for x in xs]"),
-    Primitive("mod", "take each number modulo {n}", "xs = [x % {n} for x in xs]", tuple(range(2, 10))),
-    Primitive("div", "floor-divide each number by {n}", "xs = [x // {n} for x in xs]", tuple(range(2, 10))),
-    Primitive("even", "keep the even numbers", "xs = [x for x in xs if x % 2 == 0]"),
-    Primitive("odd", "keep the odd numbers", "xs = [x for x in xs if x % 2 == 1]"),
-    Primitive("gt", "keep the numbers greater than {n}", "xs = [x for x in xs if x > {n}]", tuple(range(-5, 10))),
-    Primitive("lt", "keep the numbers less than {n}", "xs = [x for x in xs if x < {n}]", tuple(range(-5, 10))),
-    Primitive("ne", "remove every {n}", "xs = [x for x in xs if x != {n}]", tuple(range(0, 10))),
-    Primitive("multiple", "keep the multiples of {n}", "xs = [x for x in xs if x % {n} == 0]", (3, 4, 5)),
-    Primitive("sort", "sort the numbers", "xs = sorted(xs)"),
-    Primitive("sort_desc", "sort the numbers in descending order", "xs = sorted(xs, reverse=True)"),
-    Primitive("reverse", "reverse the list", "xs = xs[::-1]"),
-    Primitive("drop", "drop the first {n} numbers", "xs = xs[{n}:]", (1, 2, 3)),
-    Primitive("take", "keep the first {n} numbers", "xs = xs[:{n}]", (1, 2, 3, 4, 5)),
-    Primitive("dedup", "remove repeated numbers", "xs = list(dict.fromkeys(xs))"),
-    Primitive("append", "append {n}", "xs = xs + [{n}]", tuple(range(0, 10))),
-    Primitive("prepend", "put {n} in front", "xs = [{n}] + xs", tuple(range(0, 10))),
+    _p("add", "{xs} = [{x} + {n} for {x} in {xs}]", "[{x} + {n}]", "add {n} to each number", range(1, 10)),
+    _p("sub", "{xs} = [{x} - {n} for {x} in {xs}]", "[{x} - {n}]", "subtract {n} from each number", range(1, 10)),
+    _p("mul", "{xs} = [{x} * {n} for {x} in {xs}]", "[{x} * {n}]", "multiply each number by {n}", range(2, 10)),
+    _p("square", "{xs} = [{x} * {x} for {x} in {xs}]", "[{x} * {x}]", "square each number"),
+    _p("negate", "{xs} = [-{x} for {x} in {xs}]", "[-{x}]", "negate each number"),
+    _p("abs", "{xs} = [abs({x}) for {x} in {xs}]", "[abs({x})]", "take the absolute value of each number"),
+    _p("mod", "{xs} = [{x} % {n} for {x} in {xs}]", "[{x} % {n}]", "take each number modulo {n}", range(2, 10)),
+    _p("div", "{xs} = [{x} // {n} for {x} in {xs}]", "[{x} // {n}]", "floor-divide each number by {n}", range(2, 10)),
+    _p("even", "{xs} = [{x} for {x} in {xs} if {x} % 2 == 0]", "[? {x} % 2 == 0]", "keep the even numbers"),
+    _p("odd", "{xs} = [{x} for {x} in {xs} if {x} % 2 == 1]", "[? {x} % 2 == 1]", "keep the odd numbers"),
+    _p("gt", "{xs} = [{x} for {x} in {xs} if {x} > {n}]", "[? {x} > {n}]", "keep the numbers greater than {n}",
+       range(-5, 10)),
+    _p("lt", "{xs} = [{x} for {x} in {xs} if {x} < {n}]", "[? {x} < {n}]", "keep the numbers less than {n}",
+       range(-5, 10)),
+    _p("ne", "{xs} = [{x} for {x} in {xs} if {x} != {n}]", "[? {x} != {n}]", "remove every {n}", range(0, 10)),
+    _p("multiple", "{xs} = [{x} for {x} in {xs} if {x} % {n} == 0]", "[? {x} % {n} == 0]",
+       "keep the multiples of {n}", (3, 4, 5)),
+    _p("sort", "{xs} = sorted({xs})", "[sorted]", "sort the numbers"),
+    _p("sort_desc", "{xs} = sorted({xs}, reverse=True)", "[sorted, reverse]", "sort the numbers in descending order"),
+    _p("reverse", "{xs} = {xs}[::-1]", "[::-1]", "reverse the list"),
+    _p("drop", "{xs} = {xs}[{n}:]", "[{n}:]", "drop the first {n} numbers", (1, 2, 3)),
+    _p("take", "{xs} = {xs}[:{n}]", "[:{n}]", "keep the first {n} numbers", (1, 2, 3, 4, 5)),
+    _p("dedup", "{xs} = list(dict.fromkeys({xs}))", "[unique]", "remove repeated numbers"),
+    _p("append", "{xs} = {xs} + [{n}]", "[+ {n}]", "append {n}", range(0, 10)),
+    _p("prepend", "{xs} = [{n}] + {xs}", "[{n} +]", "put {n} in front", range(0, 10)),
 ]
 
 RETURNS = [
-    Primitive("list", "return the list", "return xs"),
-    Primitive("sum", "return their sum", "return sum(xs)"),
-    Primitive("len", "return how many there are", "return len(xs)"),
-    Primitive("max", "return the largest or 0", "return max(xs, default=0)"),
-    Primitive("min", "return the smallest or 0", "return min(xs, default=0)"),
+    _p("list", "return {xs}", "-> list", "return the list"),
+    _p("sum", "return sum({xs})", "-> sum", "return their sum"),
+    _p("len", "return len({xs})", "-> len", "return how many there are"),
+    _p("max", "return max({xs}, default=0)", "-> max", "return the largest or 0"),
+    _p("min", "return min({xs}, default=0)", "-> min", "return the smallest or 0"),
 ]
+
+_BY_NAME = {p.name: p for p in PRIMITIVES}
+STOP = "\n\n"  # a blank line ends a function, in the corpus and in every task
+
+
+def split_pairs(seed, val_frac=0.1, test_frac=0.2):
+    """The ordered pairs of distinct primitives, shuffled by `seed` and cut into (train, val, test) lists.
+
+    Corpus and tasks made with the same seed use the same cut, so a val or test pair appears in neither.
+    """
+    pairs = [(a.name, b.name) for a in PRIMITIVES for b in PRIMITIVES if a is not b]
+    random.Random(seed).shuffle(pairs)
+    n_test, n_val = round(test_frac * len(pairs)), round(val_frac * len(pairs))
+    test, val, train = pairs[:n_test], pairs[n_test : n_test + n_val], pairs[n_test + n_val :]
+    for position in (0, 1):  # every primitive must be learnable: seen in training, first and second
+        missing = {p.name for p in PRIMITIVES} - {pair[position] for pair in train}
+        if missing:
+            raise ValueError(f"seed={seed}: training pairs never put {sorted(missing)} in position {position}")
+    return train, val, test
+
+
+def _chain(rng, steps, xs, x):
+    """Code lines, notations and phrases of `steps` (Primitives), with random numbers filled in."""
+    filled = []
+    for step in steps:
+        n = rng.choice(step.n_values)
+        filled.append((step.code.format(xs=xs, x=x, n=n), step.notation.format(xs=xs, x=x, n=n),
+                       step.phrase.format(n=n)))
+    return filled
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fine-tuning task
+# ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -123,23 +181,6 @@ class TaskSplits:
     test: list
 
 
-STOP = "\n\n"  # a blank line ends a function, in the corpus and in every task
-
-
-def _split_pairs(rng, val_frac, test_frac):
-    """Shuffle the ordered pairs of distinct primitives and cut them into train, val and test pairs."""
-    names = [p.name for p in PRIMITIVES]
-    pairs = [(a, b) for a in names for b in names if a != b]
-    rng.shuffle(pairs)
-    n_test, n_val = round(test_frac * len(pairs)), round(val_frac * len(pairs))
-    test, val, train = pairs[:n_test], pairs[n_test : n_test + n_val], pairs[n_test + n_val :]
-    for position in (0, 1):  # every primitive must be learnable: seen in training, first and second
-        missing = set(names) - {pair[position] for pair in train}
-        if missing:
-            raise ValueError(f"training pairs never put {sorted(missing)} in position {position}; change the seed")
-    return train, val, test
-
-
 def _random_list(rng):
     n = rng.randint(2, 8)
     pool = [rng.randint(-9, 9) for _ in range(rng.randint(2, n))]  # a small pool, so repeats happen
@@ -147,16 +188,12 @@ def _random_list(rng):
 
 
 def _make_task(rng, pair, n_tests):
-    """A task chaining the two named primitives, or None if its asserts could not tell it apart from a
-    constant function (e.g. "keep the even numbers, then keep the odd numbers" returns [] whatever xs is)."""
-    by_name = {p.name: p for p in PRIMITIVES}
-    steps = [by_name[name] for name in pair] + [rng.choice(RETURNS)]
-    ns = [rng.choice(step.n_values) for step in steps]
-    phrases = [step.phrase.format(n=n) for step, n in zip(steps, ns)]
-    instruction = ", then ".join(phrases)
-    instruction = instruction[0].upper() + instruction[1:] + "."
-    prompt = f'def f(xs):\n    """{instruction}"""\n'
-    completion = "".join(f"    {step.code.format(n=n)}\n" for step, n in zip(steps, ns)) + "\n"
+    """A task chaining the two named primitives and a random return, or None if its asserts could not tell
+    it from a constant function (e.g. "keep the even numbers, then keep the odd numbers")."""
+    steps = _chain(rng, [_BY_NAME[pair[0]], _BY_NAME[pair[1]], rng.choice(RETURNS)], "xs", "x")
+    instruction = ", then ".join(phrase for _, _, phrase in steps)
+    prompt = f'def f(xs):\n    """{instruction[0].upper() + instruction[1:]}."""\n'
+    completion = "".join(f"    {code}\n" for code, _, _ in steps) + "\n"
     namespace = {}
     exec(prompt + completion, namespace)  # our own generated reference code: trusted, so run in-process
     inputs = [_random_list(rng) for _ in range(n_tests)]
@@ -167,8 +204,8 @@ def _make_task(rng, pair, n_tests):
     return Task(prompt, completion, test, tuple(pair))
 
 
-def _sample_tasks(rng, pairs, n, n_tests, exclude_prompts=frozenset()):
-    tasks, seen = [], set(exclude_prompts)
+def _sample_tasks(rng, pairs, n, n_tests):
+    tasks, seen = [], set()
     for _ in range(100 * n):  # ample: a few pairs are degenerate, and prompts rarely repeat
         if len(tasks) == n:
             return tasks
@@ -179,17 +216,16 @@ def _sample_tasks(rng, pairs, n, n_tests, exclude_prompts=frozenset()):
     raise ValueError(f"could only make {len(tasks)} distinct tasks of the {n} asked from {len(pairs)} pairs")
 
 
-def make_tasks(seed=0, n_train=5000, n_val=200, n_test=300, n_tests=4, val_frac=0.1, test_frac=0.2):
+def make_tasks(seed=0, n_train=5000, n_val=200, n_test=300, n_tests=6):
     """The toy-HumanEval splits. The same seed always gives the same tasks.
 
     Args:
-        seed: seeds the pair split and every sampled task.
+        seed: seeds the pair split (see split_pairs) and every sampled task.
         n_train, n_val, n_test: number of distinct tasks in each split.
         n_tests: asserts per task.
-        val_frac, test_frac: share of the primitive pairs reserved for val and for test.
     """
+    train_pairs, val_pairs, test_pairs = split_pairs(seed)
     rng = random.Random(seed)
-    train_pairs, val_pairs, test_pairs = _split_pairs(rng, val_frac, test_frac)
     return TaskSplits(
         train=_sample_tasks(rng, train_pairs, n_train, n_tests),
         val=_sample_tasks(rng, val_pairs, n_val, n_tests),
@@ -205,7 +241,6 @@ _SCALARS = ["a", "b", "c", "n", "m", "k", "total", "value"]
 _LISTS = ["xs", "ys", "nums", "vals", "items", "data"]
 _ELEMENTS = ["x", "y", "v", "i", "item"]
 _FUNCTIONS = ["f", "g", "h", "helper", "compute", "process", "transform", "combine"]
-_DOCSTRINGS = ["Return the result.", "Compute a new value.", "Process the items.", "Build a new list."]
 
 
 def _num(rng, low=-9, high=9):
@@ -216,23 +251,6 @@ def _literal(rng):
     return repr([_num(rng) for _ in range(rng.randint(1, 6))])
 
 
-def _map_expr(rng, e):
-    """An expression of the element variable e, as a list comprehension would compute it."""
-    return rng.choice([f"{e} + {_num(rng, 1, 9)}", f"{e} - {_num(rng, 1, 9)}", f"{e} * {_num(rng, 2, 9)}",
-                       f"{e} * {e}", f"-{e}", f"abs({e})", f"{e} % {_num(rng, 2, 9)}", f"{e} // {_num(rng, 2, 9)}"])
-
-
-def _condition(rng, e):
-    return rng.choice([f"{e} > {_num(rng)}", f"{e} < {_num(rng)}", f"{e} % 2 == 0", f"{e} % 2 == 1",
-                       f"{e} != {_num(rng, 0, 9)}", f"{e} % {_num(rng, 2, 5)} == 0"])
-
-
-def _comprehension(rng, e, source):
-    expr = _map_expr(rng, e) if rng.random() < 0.6 else e
-    cond = f" if {_condition(rng, e)}" if rng.random() < 0.5 or expr == e else ""
-    return f"[{expr} for {e} in {source}{cond}]"
-
-
 def _arithmetic_program(rng):
     fn, (a, b, c) = rng.choice(_FUNCTIONS), rng.sample(_SCALARS, 3)
     op1, op2 = rng.choice("+-*"), rng.choice("+-*")
@@ -241,41 +259,45 @@ def _arithmetic_program(rng):
 
 
 def _comprehension_program(rng):
+    """A list comprehension outside any function: one map and/or one filter step, fused."""
     src, dst = rng.sample(_LISTS, 2)
     e = rng.choice(_ELEMENTS)
+    expr = rng.choice([f"{e} + {_num(rng, 1, 9)}", f"{e} * {_num(rng, 2, 9)}", f"{e} * {e}", f"abs({e})", e])
+    cond = rng.choice([f" if {e} > {_num(rng)}", f" if {e} % 2 == 0", f" if {e} != {_num(rng, 0, 9)}", ""])
     reducer = rng.choice(["sum", "len", "sorted", "list"])
-    return f"{src} = {_literal(rng)}\n{dst} = {_comprehension(rng, e, src)}\nprint({reducer}({dst}))\n"
+    return f"{src} = {_literal(rng)}\n{dst} = [{expr} for {e} in {src}{cond}]\nprint({reducer}({dst}))\n"
 
 
 def _loop_program(rng):
     acc, e = rng.choice(_SCALARS), rng.choice(_ELEMENTS)
-    return (f"{acc} = 0\nfor {e} in {_literal(rng)}:\n    if {_condition(rng, e)}:\n"
-            f"        {acc} += {_map_expr(rng, e)}\nprint({acc})\n")
+    return (f"{acc} = 0\nfor {e} in {_literal(rng)}:\n    if {e} % {_num(rng, 2, 5)} == 0:\n"
+            f"        {acc} += {e} * {_num(rng, 1, 9)}\nprint({acc})\n")
 
 
-def _list_function_program(rng):
-    fn, lst, e = rng.choice(_FUNCTIONS), rng.choice(_LISTS), rng.choice(_ELEMENTS)
-    lines = [f"def {fn}({lst}):\n"]
-    if rng.random() < 0.3:
-        lines.append(f'    """{rng.choice(_DOCSTRINGS)}"""\n')
-    for _ in range(rng.randint(1, 3)):
-        lines.append(rng.choice([
-            f"    {lst} = {_comprehension(rng, e, lst)}\n",
-            f"    {lst} = sorted({lst})\n",
-            f"    {lst} = sorted({lst}, reverse=True)\n",
-            f"    {lst} = {lst}[::-1]\n",
-            f"    {lst} = {lst}[{_num(rng, 1, 3)}:]\n",
-            f"    {lst} = {lst}[:{_num(rng, 1, 5)}]\n",
-            f"    {lst} = {lst} + [{_num(rng, 0, 9)}]\n",
-            f"    {lst} = list(dict.fromkeys({lst}))\n",
-        ]))
-    lines.append(rng.choice([f"    return {lst}\n", f"    return sum({lst})\n", f"    return len({lst})\n",
-                             f"    return max({lst}, default=0)\n", f"    return min({lst}, default=0)\n"]))
-    return "".join(lines) + f"\nprint({fn}({_literal(rng)}))\n"
+def _steps_program(rng, successors):
+    """A function chaining 1 to 3 primitives (each next one a training successor) and a return, under a
+    docstring in step notation."""
+    fn, xs, x = rng.choice(_FUNCTIONS), rng.choice(_LISTS), rng.choice(_ELEMENTS)
+    steps = [rng.choice(PRIMITIVES)]
+    for _ in range(rng.randint(0, 2)):
+        steps.append(_BY_NAME[rng.choice(successors[steps[-1].name])])
+    filled = _chain(rng, steps + [rng.choice(RETURNS)], xs, x)
+    doc = " ".join(notation for _, notation, _ in filled)
+    body = "".join(f"    {code}\n" for code, _, _ in filled)
+    return f'def {fn}({xs}):\n    """{doc}"""\n{body}\nprint({fn}({_literal(rng)}))\n'
 
 
 def make_corpus(seed=0, n_programs=4000):
-    """A pretraining text of `n_programs` small, runnable Python programs, each followed by a blank line."""
+    """A pretraining text of `n_programs` small, runnable Python programs, each followed by a blank line.
+
+    Half are step-notation functions; consecutive steps there are always a training pair of split_pairs(seed).
+    """
+    train_pairs, _, _ = split_pairs(seed)
+    successors = {}
+    for a, b in train_pairs:
+        successors.setdefault(a, []).append(b)
     rng = random.Random(seed)
-    kinds = [_arithmetic_program, _comprehension_program, _loop_program, _list_function_program]
-    return "".join(rng.choice(kinds)(rng) + "\n" for _ in range(n_programs))
+    others = [_arithmetic_program, _comprehension_program, _loop_program]
+    programs = [_steps_program(rng, successors) if rng.random() < 0.5 else rng.choice(others)(rng)
+                for _ in range(n_programs)]
+    return "".join(program + "\n" for program in programs)

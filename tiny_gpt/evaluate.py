@@ -142,28 +142,29 @@ def passes(program: str, test: str, timeout: float = 2.0, memory_mb: int = 512) 
 
 
 @torch.no_grad()
-def complete(model, tokenizer, prompts, max_new_tokens=160, batch_size=256):
+def complete(model, tokenizer, prompts, max_new_tokens=160, batch_size=512):
     """Greedy completions of `prompts`, each cut just after its first stop sequence (a blank line).
 
-    Prompts of equal length are decoded together in one batch, so no padding or masking is needed.
+    Prompts are decoded `batch_size` at a time, left-padded to a common length (see GPT.generate); sorting
+    them by length first keeps the padding small.
     """
     device = next(model.parameters()).device
     stop = tokenizer.encode(STOP)
-    by_length = {}
-    for i, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(i)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     completions = [None] * len(prompts)
     was_training = model.training
     model.eval()
-    for indices in by_length.values():
-        for start in range(0, len(indices), batch_size):
-            batch = indices[start : start + batch_size]
-            idx = torch.tensor([tokenizer.encode(prompts[i]) for i in batch], device=device)  # (B, T)
-            out = model.generate(idx, max_new_tokens, stop=stop)  # (B, T + n)
-            for i, row in zip(batch, out[:, idx.size(1) :].tolist()):
-                text = tokenizer.decode(row)
-                cut = text.find(STOP)
-                completions[i] = text if cut < 0 else text[: cut + len(STOP)]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        ids = [tokenizer.encode(prompts[i]) for i in batch]
+        T = max(len(x) for x in ids)
+        idx = torch.tensor([[0] * (T - len(x)) + x for x in ids], device=device)  # (B, T), left-padded
+        lengths = torch.tensor([len(x) for x in ids])  # (B,)
+        out = model.generate(idx, max_new_tokens, stop=stop, lengths=lengths)  # (B, T + n)
+        for i, row in zip(batch, out[:, T:].tolist()):
+            text = tokenizer.decode(row)
+            cut = text.find(STOP)
+            completions[i] = text if cut < 0 else text[: cut + len(STOP)]
     model.train(was_training)
     return completions
 

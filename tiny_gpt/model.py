@@ -5,9 +5,9 @@ pre-LayerNorm blocks of causal self-attention and an MLP, a final LayerNorm, and
 token embedding. The module names are GPT-2's (`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `attn.c_proj`,
 `ln_2`, `mlp.c_fc`, `mlp.c_proj`, `ln_f`, `lm_head`), so adapter target patterns written for GPT-2 work here.
 
-One addition to nanoGPT: an optional key/value cache, so that greedy decoding of a batch of prompts costs one
-new token per step instead of re-reading the whole sequence. Evaluating pass@1 on hundreds of prompts is then
-a matter of seconds.
+One addition to nanoGPT: a key/value cache for `generate`, so that greedy decoding costs one new token per
+step instead of re-reading the whole sequence, with left padding so that prompts of different lengths decode
+together in one batch. Evaluating pass@1 on hundreds of prompts is then a matter of seconds.
 
 Shapes: B = batch, T = sequence length, C = n_embd, nh = n_head, hs = C // nh (head size), V = vocab_size.
 The model never names a device: it runs wherever its parameters and inputs are.
@@ -22,24 +22,52 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    """The keys and values of one attention layer for every token decoded so far.
+    """What greedy decoding remembers between steps: each layer's keys and values so far, and which
+    positions hold real tokens.
 
-    Decoding token t needs the keys and values of tokens 0..t-1, which do not change once computed (the
-    model is causal), so we keep them instead of recomputing them at every step.
+    Decoding token t needs the keys and values of tokens 0..t-1, which never change once computed (the
+    model is causal), so we keep them instead of recomputing them at every step. To decode prompts of
+    different lengths in one batch, they are left-padded to one length; `real` marks the padding so that
+    no real token attends to it and positions count real tokens only. A prompt then gets exactly the
+    logits it would get alone.
     """
 
-    def __init__(self):
-        self.k = None  # (B, nh, T_past, hs)
-        self.v = None  # (B, nh, T_past, hs)
+    def __init__(self, n_layer, real):
+        self.k = [None] * n_layer  # per layer: (B, nh, T_seen, hs)
+        self.v = [None] * n_layer  # per layer: (B, nh, T_seen, hs)
+        self.real = real  # (B, T_prompt) bool, False on left padding
 
     def __len__(self):
-        return 0 if self.k is None else self.k.size(2)
+        return 0 if self.k[0] is None else self.k[0].size(2)
 
-    def extend(self, k, v):
-        """Append the new tokens' keys and values; return those of every token so far."""
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)  # (B, nh, T_past + T, hs)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)  # (B, nh, T_past + T, hs)
-        return self.k, self.v
+    def extend(self, layer, k, v):
+        """Append the new tokens' keys and values at `layer`; return those of every token so far."""
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)  # (B, nh, T_seen + T, hs)
+            v = torch.cat([self.v[layer], v], dim=2)  # (B, nh, T_seen + T, hs)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def positions_and_mask(self, T):
+        """Positions (B, T) of the T tokens about to be fed, and their attention mask (B, 1, T, T_seen + T).
+
+        The first call feeds the whole (padded) prompt; later calls feed one new, real token each.
+        """
+        if len(self) == 0:
+            if T != self.real.size(1):
+                raise ValueError(f"feed the whole prompt first: got T={T}, prompt length {self.real.size(1)}")
+            pos = (self.real.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): count real tokens only
+            causal = torch.ones(T, T, dtype=torch.bool, device=self.real.device).tril()  # (T, T)
+            itself = torch.eye(T, dtype=torch.bool, device=self.real.device)  # (T, T)
+            # A real token sees earlier real tokens; a padding token sees only itself (a row with
+            # nothing to attend to would give NaN), and no real token ever sees it.
+            mask = causal & (self.real[:, None, :] | itself)  # (B, T, T)
+            return pos, mask[:, None]  # (B, T), (B, 1, T, T)
+        if T != 1:
+            raise ValueError(f"after the prompt, feed one token at a time (got T={T})")
+        self.real = torch.cat([self.real, self.real.new_ones(self.real.size(0), 1)], dim=1)  # (B, T_seen + 1)
+        pos = self.real.sum(dim=1, keepdim=True) - 1  # (B, 1)
+        return pos, self.real[:, None, None, :]  # (B, 1), (B, 1, 1, T_seen + 1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -54,22 +82,19 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, mask=None, cache=None, layer=0):
+        """x (B, T, C). Without a cache: plain causal attention. With one (decoding): the keys and values
+        of earlier tokens come from `cache`, and `mask` (B, 1, T, T_seen + T) says who sees whom."""
         B, T, C = x.size()
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        past = 0 if cache is None else len(cache)
         if cache is not None:
-            k, v = cache.extend(k, v)  # (B, nh, past + T, hs)
-        if past > 0 and T != 1:
-            raise ValueError(f"with a non-empty cache, feed one token at a time (got T={T} after {past} tokens)")
-        # Without a past, the causal mask hides the future. With a past, the single new token is the last
-        # one, so it may attend to every cached key and needs no mask.
+            k, v = cache.extend(layer, k, v)  # (B, nh, T_seen + T, hs)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=past == 0
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
@@ -99,8 +124,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, mask=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -162,19 +187,21 @@ class GPT(nn.Module):
             idx: (B, T) token ids.
             targets: (B, T) the token that should follow each position; -1 marks positions left out of the
                 loss (prompt tokens and padding during fine-tuning).
-            cache: a list of one KVCache per block, for decoding; None for an ordinary full pass.
+            cache: a KVCache, for decoding (see `generate`); None for an ordinary full pass.
 
         Returns:
             logits (B, T, V) and the mean loss over the counted positions (None without targets).
         """
         B, T = idx.size()
-        start = 0 if cache is None else len(cache[0])
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
+            pos, mask = torch.arange(T, device=idx.device), None  # (T,); causal attention
+        else:  # decoding; generate() keeps every position below block_size
+            pos, mask = cache.positions_and_mask(T)  # (B, T), (B, 1, T, T_seen + T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache[i])
+            x = block(x, mask, cache, i)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
@@ -183,25 +210,28 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, stop=None):
+    def generate(self, idx, max_new_tokens, stop=None, lengths=None):
         """Greedy decoding: append the most likely next token, `max_new_tokens` times at most.
 
-        All rows of `idx` share one length (group prompts by length to batch them). With `stop`, a sequence of
-        token ids, decoding ends early once every row has produced it; rows that finish first keep decoding
-        until then, so callers cut each row at its first stop sequence.
-
         Args:
-            idx: (B, T) prompt token ids.
-            max_new_tokens: most tokens to add; also capped by block_size.
-            stop: optional list of token ids that ends a completion (e.g. the ids of "\\n\\n").
+            idx: (B, T) prompt token ids. Prompts shorter than T are left-padded (any id) and give their
+                real `lengths`; each row then decodes exactly as it would alone.
+            max_new_tokens: most tokens to add; also capped so no prompt passes block_size.
+            stop: optional list of token ids (e.g. those of "\\n\\n"). Decoding ends early once every row
+                has produced it; rows that finish first keep going until then, so callers cut each row at
+                its first stop sequence.
+            lengths: (B,) real prompt lengths; None means no padding.
 
         Returns:
             (B, T + n) the prompts followed by n <= max_new_tokens generated tokens.
         """
-        max_new_tokens = min(max_new_tokens, self.config.block_size - idx.size(1))
-        cache = [KVCache() for _ in self.transformer.h]
+        B, T = idx.size()
+        lengths = torch.full((B,), T, device=idx.device) if lengths is None else lengths.to(idx.device)
+        max_new_tokens = min(max_new_tokens, self.config.block_size - int(lengths.max()))
+        real = torch.arange(T, device=idx.device)[None, :] >= (T - lengths)[:, None]  # (B, T): left padding False
+        cache = KVCache(self.config.n_layer, real)
         stop = None if not stop else torch.tensor(stop, device=idx.device)
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # (B,)
         new = idx  # the tokens not yet seen by the model: the whole prompt first, then one token per step
         for n in range(1, max_new_tokens + 1):
             logits, _ = self(new, cache=cache)  # (B, T_new, V)

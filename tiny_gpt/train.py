@@ -1,0 +1,492 @@
+"""Pretrain the tiny GPT once (cached on disk), then fine-tune it with FFT, LoRA, GraLoRA or Hybrid GraLoRA.
+
+The recipe is the same for every method, so that only the method differs: the same base model, the same
+tasks, the same batches in the same order for a given seed, AdamW with linear warmup and cosine decay,
+gradient clipping at 1.0, and the loss counted on the completion tokens only (the prompt is given, not
+learned). Adapters go on the four linears of every block (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj),
+never on the embedding, whose weight the output head shares.
+
+Entry points (`python -m tiny_gpt`, the notebook) choose the device with `pick_device()`; everything here
+takes it as an argument.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import gralora
+
+from .data import CharTokenizer, make_corpus, make_tasks
+from .evaluate import pass_at_1
+from .model import GPT, GPTConfig
+
+TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # adapted in every block
+METHODS = ["base", "fft", "lora", "gralora", "hybrid"]  # base = the pretrained model, not fine-tuned
+
+
+@dataclass
+class TrainConfig:
+    # pretraining (these fields, the GPTConfig and data_seed key the on-disk cache)
+    corpus_programs: int = 4000  # programs in the pretraining corpus (about 90 characters each)
+    pretrain_steps: int = 600  # optimizer steps
+    pretrain_batch: int = 16  # windows of block_size characters per step
+    pretrain_lr: float = 3e-3  # peak learning rate
+    pretrain_weight_decay: float = 0.1  # AdamW decay on weight matrices (not on biases, gains)
+    pretrain_seed: int = 0  # initialisation and batch order
+    # the data
+    data_seed: int = 0  # seeds the corpus and the tasks
+    n_train: int = 5000  # training tasks (from the train pairs of primitives)
+    n_val: int = 200  # validation tasks (own pairs): val loss, and any choice you make
+    n_test: int = 300  # held-out tasks (own pairs): pass@1; never used to choose anything
+    # fine-tuning
+    finetune_steps: int = 150  # optimizer steps
+    finetune_batch: int = 16  # tasks per step
+    lr_fft: float = 1e-3  # peak learning rate, full fine-tuning
+    lr_adapter: float = 1e-2  # peak learning rate, LoRA / GraLoRA / Hybrid
+    # both phases
+    warmup_frac: float = 0.1  # share of the steps spent warming up linearly from 0
+    min_lr_frac: float = 0.1  # the cosine decays to this share of the peak
+    grad_clip: float = 1.0  # clip the gradient's global norm
+    eval_every: int = 50  # steps between validation losses (and progress lines)
+
+
+@dataclass
+class Preset:
+    """A named experiment size: the model, the training recipe and the default sweep."""
+
+    gpt: GPTConfig
+    train: TrainConfig
+    ranks: list = field(default_factory=lambda: [16])  # LoRA-equivalent ranks (trainable-parameter budgets)
+    seeds: list = field(default_factory=lambda: [0])
+
+
+PRESETS = {
+    # Seconds, for the test suite: a 2-layer model barely pretrained; checks the plumbing, not the science.
+    "smoke": Preset(
+        GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=32),
+        TrainConfig(corpus_programs=500, pretrain_steps=30, pretrain_batch=8, n_train=200, n_val=20,
+                    n_test=20, finetune_steps=10, finetune_batch=8, eval_every=5),
+        ranks=[4],
+    ),
+    # Minutes on a 2-core laptop CPU: width 128, so ranks 4..64 go from tiny to half the width.
+    "cpu": Preset(GPTConfig(), TrainConfig()),
+    # One GPU: a wider, deeper model trained longer (ranks 4..128 against width 384).
+    "gpu": Preset(
+        GPTConfig(n_layer=6, n_head=6, n_embd=384),
+        TrainConfig(corpus_programs=20000, pretrain_steps=3000, pretrain_batch=64, pretrain_lr=1e-3,
+                    n_train=20000, n_test=500, finetune_steps=600, finetune_batch=64, lr_fft=3e-4,
+                    lr_adapter=3e-3, eval_every=100),
+        ranks=[4, 16, 64],
+    ),
+}
+
+
+def get_preset(name):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def pick_device():
+    """cuda if there is one, then Apple's mps, then the cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def lr_at(step, steps, peak, warmup_frac, min_lr_frac):
+    """Linear warmup to `peak`, then a cosine down to min_lr_frac * peak at the last step."""
+    warmup = max(1, round(warmup_frac * steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _optimize(model, params, lr, weight_decay, steps, next_batch, cfg, evaluate, log, label):
+    """The training loop both phases share. Returns the curve [(step, train_loss, val_loss), ...]."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)],
+        lr=lr, betas=(0.9, 0.95),
+    )
+    device_type = next(model.parameters()).device.type
+    curve, tokens, start, recent = [], 0, time.time(), []
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, cfg.warmup_frac, cfg.min_lr_frac)
+        x, y = next_batch()  # (B, T), (B, T)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+            _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        tokens += x.numel()
+        recent.append(loss.item())
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+            train_loss, val_loss = sum(recent) / len(recent), evaluate()
+            recent = []
+            curve.append((step + 1, train_loss, val_loss))
+            elapsed = time.time() - start
+            log(f"{label} step {step + 1}/{steps} | loss {train_loss:.4f} | val {val_loss:.4f} | "
+                f"{tokens / elapsed:,.0f} tok/s | ETA {elapsed / (step + 1) * (steps - step - 1):.0f}s")
+            model.train()
+    return curve
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pretraining, cached
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _corpus(train_cfg):
+    return make_corpus(train_cfg.data_seed, train_cfg.corpus_programs)
+
+
+def _pretrain_config(gpt_cfg, train_cfg):
+    """Everything the pretrained weights depend on, as a JSON-able dict: the model config, the pretraining
+    fields of the train config, and a hash of the corpus text itself (so editing data.py invalidates it)."""
+    fields = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k.startswith(("pretrain_", "corpus_"))}
+    corpus_sha256 = hashlib.sha256(_corpus(train_cfg).encode()).hexdigest()
+    return dict(gpt=dataclasses.asdict(gpt_cfg), data_seed=train_cfg.data_seed, corpus_sha256=corpus_sha256,
+                **fields)
+
+
+def cache_path(gpt_cfg, train_cfg, cache_dir=None):
+    """Where the base model for these configs is stored: <cache_dir>/base-<hash of the config>.pt.
+
+    cache_dir defaults to $TINY_GPT_CACHE, else .cache/tiny_gpt under the current directory.
+    The key covers the configs and the corpus, not the model code: after editing model.py, delete the cache.
+    """
+    cache_dir = cache_dir or os.environ.get("TINY_GPT_CACHE") or os.path.join(".cache", "tiny_gpt")
+    key = hashlib.sha256(json.dumps(_pretrain_config(gpt_cfg, train_cfg), sort_keys=True).encode()).hexdigest()
+    return os.path.join(cache_dir, f"base-{key[:16]}.pt")
+
+
+def _read_cache(path, config, log):
+    """The cached state dict if `path` holds one made with `config`, else None (saying why)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        stored = saved["config"]
+        state = saved["state_dict"]
+    except Exception as err:  # a truncated or foreign file: any failure to read it means "rebuild"
+        log(f"cache {path} is unreadable ({type(err).__name__}: {err}); pretraining again")
+        return None
+    if stored != config:
+        log(f"cache {path} was made with another config; pretraining again")
+        return None
+    return state
+
+
+def pretrain(gpt_cfg, train_cfg, device, cache_dir=None, log=print):
+    """The pretrained base model's state dict, from the cache when it holds one for these configs.
+
+    Returns (state_dict on the cpu, from_cache). A fresh model is trained on the corpus (next-character
+    loss on random windows), then written atomically: to a temporary file, then os.replace, so an
+    interrupted run never leaves a half-written cache behind.
+    """
+    path = cache_path(gpt_cfg, train_cfg, cache_dir)
+    config = _pretrain_config(gpt_cfg, train_cfg)
+    state = _read_cache(path, config, log)
+    if state is not None:
+        log(f"base model: loaded from {path}")
+        return state, True
+
+    tokenizer = CharTokenizer()
+    corpus = torch.tensor(tokenizer.encode(_corpus(train_cfg)))
+    split = int(0.9 * len(corpus))
+    train_ids, val_ids = corpus[:split], corpus[split:]
+    torch.manual_seed(train_cfg.pretrain_seed)
+    model = GPT(gpt_cfg).to(device)
+    T, B = gpt_cfg.block_size, train_cfg.pretrain_batch
+    gen = torch.Generator().manual_seed(train_cfg.pretrain_seed)
+
+    def windows(ids, starts):
+        chunk = torch.stack([ids[s : s + T + 1] for s in starts.tolist()]).to(device)  # (B, T + 1)
+        return chunk[:, :-1], chunk[:, 1:]  # inputs, next-character targets
+
+    def next_batch():
+        return windows(train_ids, torch.randint(len(train_ids) - T - 1, (B,), generator=gen))
+
+    val_starts = torch.arange(0, len(val_ids) - T - 1, T)[:32]  # fixed windows: a comparable val loss
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        return model(*windows(val_ids, val_starts))[1].item()
+
+    log(f"pretraining a {model.num_params():,}-parameter GPT on {len(train_ids):,} characters of code")
+    params = list(model.parameters())
+    _optimize(model, params, train_cfg.pretrain_lr, train_cfg.pretrain_weight_decay, train_cfg.pretrain_steps,
+              next_batch, train_cfg, evaluate, log, "pretrain")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(dict(config=config, state_dict=state), tmp)
+    os.replace(tmp, path)
+    log(f"base model: saved to {path}")
+    return state, False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fine-tuning
+# ---------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def get_tasks(data_seed, n_train, n_val, n_test):
+    """make_tasks, remembered: every run of a sweep uses the very same tasks."""
+    return make_tasks(data_seed, n_train, n_val, n_test)
+
+
+def tasks_for(train_cfg):
+    return get_tasks(train_cfg.data_seed, train_cfg.n_train, train_cfg.n_val, train_cfg.n_test)
+
+
+def encode_tasks(tasks, tokenizer):
+    """Each task as (input ids, target ids) tensors, the targets -1 on prompt positions (no loss there)."""
+    examples = []
+    for task in tasks:
+        ids = torch.tensor(tokenizer.encode(task.prompt + task.completion))  # (L,)
+        x, y = ids[:-1], ids[1:].clone()  # y[t] is the character after x[t]
+        y[: len(task.prompt) - 1] = -1  # targets inside the prompt are not learned
+        examples.append((x, y))
+    return examples
+
+
+def collate(examples, device):
+    """Pad a list of (x, y) to one (B, T) batch: inputs with 0 (newline), targets with -1 (ignored).
+
+    Padding goes at the end, and the model is causal, so it never changes the real positions' logits.
+    """
+    T = max(len(x) for x, _ in examples)
+    xs = torch.zeros(len(examples), T, dtype=torch.long)  # (B, T)
+    ys = torch.full((len(examples), T), -1, dtype=torch.long)  # (B, T)
+    for i, (x, y) in enumerate(examples):
+        xs[i, : len(x)], ys[i, : len(y)] = x, y
+    return xs.to(device), ys.to(device)
+
+
+@torch.no_grad()
+def completion_loss(model, examples, device, batch_size=64):
+    """Mean cross-entropy per completion character over `examples` (every character weighs the same)."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        x, y = collate(examples[start : start + batch_size], device)
+        _, loss = model(x, y)
+        n = (y != -1).sum().item()
+        total, count = total + loss.item() * n, count + n
+    return total / count
+
+
+def adapter_spec(method, rank, k=None, hybrid_r=None, width=None):
+    """(r, k, hybrid_r) for gralora.add_adapters, from a trainable-parameter budget `rank`.
+
+    `rank` is the LoRA rank with the same number of trainable parameters. lora: r = rank, k = 1.
+    gralora: r = rank and k by the paper's rule (2 below r = 64, else 4) unless given. hybrid (PEFT's
+    semantics: r is the GraLoRA rank, hybrid_r a plain LoRA on top): hybrid_r = rank // 2 unless given, and
+    r = rank - hybrid_r, so hybrid costs exactly what LoRA at `rank` costs. ValueError names bad numbers.
+    """
+    if method not in ("lora", "gralora", "hybrid"):
+        raise ValueError(f"method={method!r} has no adapter; adapter methods are lora, gralora, hybrid")
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got rank={rank!r}")
+    if method == "lora":
+        return rank, 1, 0
+    hybrid_r = (rank // 2 if hybrid_r is None else hybrid_r) if method == "hybrid" else 0
+    r = rank - hybrid_r
+    if r <= 0 or hybrid_r < 0:
+        raise ValueError(f"hybrid_r={hybrid_r} leaves no GraLoRA rank out of rank={rank}")
+    k = (2 if r < 64 else 4) if k is None else k
+    if k <= 0 or r % k:
+        raise ValueError(f"GraLoRA rank r={r} (method={method}, rank={rank}) is not divisible by k={k}")
+    if width is not None and width % k:
+        raise ValueError(f"model width n_embd={width} is not divisible by k={k}")
+    return r, k, hybrid_r
+
+
+def adapter_flops_per_token(model):
+    """Forward matmul FLOPs of all adapter paths for one token (gralora.adapter_flops, summed)."""
+    total = 0
+    for _, layer in gralora.adapter_layers(model):
+        k, hybrid_r = getattr(layer, "k", 1), getattr(layer, "hybrid_r", 0)
+        total += gralora.adapter_flops(1, layer.base.in_features, layer.base.out_features, layer.r, k, hybrid_r)
+    return total
+
+
+def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, preset="cpu", device="cpu",
+             log=print):
+    """Fine-tune the base model with one method, then measure it. `base` only measures.
+
+    Args:
+        base_state: the pretrained state dict (from `pretrain`).
+        method: "base", "fft", "lora", "gralora" or "hybrid".
+        rank: trainable-parameter budget as a LoRA rank (adapter methods only); see `adapter_spec`.
+        k, hybrid_r: override the paper's defaults (see `adapter_spec`).
+        seed: adapter initialisation and batch order; the same seed gives every method the same batches.
+        preset: a name in PRESETS or a Preset (to change its configs, use dataclasses.replace).
+        device: where to train.
+
+    Returns:
+        dict(method, r, k, hybrid_r, seed, trainable_params, val_loss, pass_at_1, seconds, rank_budget,
+        adapter_flops_per_token, curve, model): r, k, hybrid_r are what the adapters were built with (None
+        for base and fft); seconds is the training time alone; curve lists (step, train_loss, val_loss);
+        model is the fine-tuned GPT.
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    gpt_cfg, cfg = preset.gpt, preset.train
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    tokenizer = CharTokenizer()
+    tasks = tasks_for(cfg)
+    train_examples = encode_tasks(tasks.train, tokenizer)
+    val_examples = encode_tasks(tasks.val, tokenizer)
+
+    torch.manual_seed(seed)  # the adapters' initialisation
+    model = GPT(gpt_cfg)
+    model.load_state_dict(base_state)
+    model.to(device)
+    r = spec_k = spec_h = None
+    if method in ("lora", "gralora", "hybrid"):
+        r, spec_k, spec_h = adapter_spec(method, rank, k, hybrid_r, gpt_cfg.n_embd)
+        gralora.add_adapters(model, TARGETS, method="lora" if method == "lora" else "gralora",
+                             r=r, k=spec_k, hybrid_r=spec_h)
+    params = [p for p in model.parameters() if p.requires_grad] if method != "base" else []
+
+    curve, seconds = [], 0.0
+    if method != "base":
+        gen = torch.Generator().manual_seed(seed)  # batch order: the same for every method at this seed
+
+        def next_batch():
+            picks = torch.randint(len(train_examples), (cfg.finetune_batch,), generator=gen).tolist()
+            return collate([train_examples[i] for i in picks], device)
+
+        lr = cfg.lr_fft if method == "fft" else cfg.lr_adapter
+        start = time.time()
+        curve = _optimize(model, params, lr, 0.0, cfg.finetune_steps, next_batch, cfg,
+                          lambda: completion_loss(model, val_examples, device), log, f"{method} r={rank}")
+        seconds = time.time() - start
+
+    return dict(
+        method=method, r=r, k=spec_k, hybrid_r=spec_h, seed=seed if method != "base" else None,
+        trainable_params=sum(p.numel() for p in params),
+        val_loss=completion_loss(model, val_examples, device),
+        pass_at_1=pass_at_1(model, tasks.test, tokenizer),
+        seconds=seconds,
+        rank_budget=None if r is None else r + spec_h,
+        adapter_flops_per_token=adapter_flops_per_token(model),
+        curve=curve, model=model,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reporting: the table and the figure of a sweep
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _mean_std(values):
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(rows):
+    """Group rows by configuration (method, r, k, hybrid_r) across seeds, in first-seen order.
+
+    Returns one dict per configuration with its first row's fields and, for val_loss, pass_at_1 and
+    seconds, a (mean, std) pair; n is the number of seeds.
+    """
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["r"], row["k"], row["hybrid_r"]), []).append(row)
+    summary = []
+    for group in groups.values():
+        entry = {key: group[0][key] for key in ("method", "r", "k", "hybrid_r", "rank_budget",
+                                                "trainable_params", "adapter_flops_per_token")}
+        for key in ("val_loss", "pass_at_1", "seconds"):
+            entry[key] = _mean_std([row[key] for row in group])
+        entry["n"] = len(group)
+        summary.append(entry)
+    return summary
+
+
+def format_table(rows):
+    """The results as a fixed-width text table; with several seeds, cells read mean ± std."""
+    several = any(entry["n"] > 1 for entry in summarize(rows))
+
+    def cell(pair, digits, scale=1.0):
+        mean, std = pair
+        return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}" if several else f"{scale * mean:.{digits}f}"
+
+    def dash(value):
+        return "-" if value is None else str(value)
+
+    header = ["method", "r", "k", "hybrid_r", "trainable", "adapter FLOPs/tok", "val loss", "pass@1 %",
+              "seconds", "seeds"]
+    lines = [[e["method"], dash(e["r"]), dash(e["k"]), dash(e["hybrid_r"]), f"{e['trainable_params']:,}",
+              f"{e['adapter_flops_per_token']:,}", cell(e["val_loss"], 4), cell(e["pass_at_1"], 1, 100),
+              cell(e["seconds"], 1), str(e["n"])] for e in summarize(rows)]
+    widths = [max(len(str(line[i])) for line in [header] + lines) for i in range(len(header))]
+    fmt = lambda line: "  ".join(str(c).rjust(w) for c, w in zip(line, widths))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
+
+
+def plot_sweep(rows, path=None):
+    """Val loss and pass@1 against the rank budget, one line per adapter method (and k), mean ± std over
+    seeds; FFT and the base model as horizontal references. Saved to `path` if given; returns the figure."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg")  # no display needed to write a file
+    import matplotlib.pyplot as plt
+
+    summary = summarize(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label, scale in ((axes[0], "val_loss", "val loss (completion tokens)", 1.0),
+                                  (axes[1], "pass_at_1", "pass@1 on held-out tasks (%)", 100.0)):
+        lines = {}
+        for e in summary:
+            if e["rank_budget"] is not None:
+                name = e["method"] if e["method"] == "lora" else f"{e['method']} k={e['k']}"
+                lines.setdefault(name, []).append(e)
+        for name, entries in lines.items():
+            entries.sort(key=lambda e: e["rank_budget"])
+            xs = [e["rank_budget"] for e in entries]
+            ax.errorbar(xs, [scale * e[key][0] for e in entries], yerr=[scale * e[key][1] for e in entries],
+                        marker="o", capsize=3, label=name)
+        for e in summary:
+            if e["rank_budget"] is None:  # fft and base: no rank, a horizontal line
+                mean, std = scale * e[key][0], scale * e[key][1]
+                style = dict(color="black", linestyle="--" if e["method"] == "fft" else ":")
+                ax.axhline(mean, label=e["method"], **style)
+                if std > 0:
+                    ax.axhspan(mean - std, mean + std, color="black", alpha=0.1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank budget (the LoRA rank with the same trainable parameters)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    n_seeds = max(e["n"] for e in summary)
+    fig.suptitle(f"LoRA vs GraLoRA on toy HumanEval (mean ± std over {n_seeds} seed(s))")
+    fig.tight_layout()
+    if path is not None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
