@@ -41,6 +41,7 @@ Costs, per layer, with T tokens (paper Sec. 4.2 and App. C):
 
 import fnmatch
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -50,12 +51,19 @@ import torch.nn.functional as F
 # Layers
 
 
-def _check_base(base, r):
+def _is_int(value):
+    """True for Python and numpy integers, False for bools (True would silently mean 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_args(base, r, dropout):
     """Shared argument checks; errors name the offending values (never fail later in a reshape)."""
     if not isinstance(base, nn.Linear):
         raise ValueError(f"base must be an nn.Linear, got {type(base).__name__}")
-    if not isinstance(r, int) or r <= 0:
+    if not _is_int(r) or r <= 0:
         raise ValueError(f"r must be a positive integer, got r={r!r}")
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a probability in [0, 1), got dropout={dropout!r}")
 
 
 class AdapterLinear(nn.Module):
@@ -72,16 +80,19 @@ class AdapterLinear(nn.Module):
         x = F.dropout(x, self.dropout, self.training)  # on the adapter path only
         return y + self.adapter(x.to(self.A.dtype)).to(y.dtype)
 
+    @torch.no_grad()
     def merge(self):
         """Fold dW into base.weight, so inference costs one plain Linear. Idempotent."""
         if not self.merged:
-            self.base.weight.data += self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
 
+    @torch.no_grad()
     def unmerge(self):
-        """Take dW back out of base.weight (exact in float32/64; to rounding in bf16/fp16)."""
+        """Take dW back out of base.weight. Exact up to float rounding in float32/64; in bf16/fp16
+        the merged weight was rounded to 8 or 11 bits, so W0 comes back only to that precision."""
         if self.merged:
-            self.base.weight.data -= self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
             self.merged = False
 
 
@@ -97,7 +108,7 @@ class LoRALinear(AdapterLinear):
 
     def __init__(self, base, r, alpha=None, dropout=0.0):
         super().__init__()
-        _check_base(base, r)
+        _check_args(base, r, dropout)
         self.base = base.requires_grad_(False)
         self.r = r
         self.alpha = 2 * r if alpha is None else alpha
@@ -111,9 +122,10 @@ class LoRALinear(AdapterLinear):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # what nn.Linear uses for its weight
 
     def adapter(self, x):
-        """The update path alone: scaling * B A x, for x of shape (..., N)."""
+        """The update path alone: scaling * B A x, for x of shape (..., N). Scaling is folded into the
+        small B (M, r) rather than multiplying the (..., M) output, as GraLoRALinear does too."""
         latent = x @ self.A.t()  # (..., r)
-        return self.scaling * (latent @ self.B.t())  # (..., M)
+        return latent @ (self.scaling * self.B).t()  # (..., M)
 
     def delta_weight(self):
         """dW = scaling * B A, shape (M, N), computed in float32 (or float64) and returned so."""
@@ -146,11 +158,11 @@ class GraLoRALinear(AdapterLinear):
 
     def __init__(self, base, r, k=2, alpha=None, dropout=0.0, hybrid_r=0):
         super().__init__()
-        _check_base(base, r)
+        _check_args(base, r, dropout)
         N, M = base.in_features, base.out_features
-        if not isinstance(k, int) or k <= 0:
+        if not _is_int(k) or k <= 0:
             raise ValueError(f"k must be a positive integer, got k={k!r}")
-        if not isinstance(hybrid_r, int) or hybrid_r < 0:
+        if not _is_int(hybrid_r) or hybrid_r < 0:
             raise ValueError(f"hybrid_r must be a non-negative integer, got hybrid_r={hybrid_r!r}")
         for what, size in (("in_features", N), ("out_features", M), ("r", r)):
             if size % k:
@@ -176,9 +188,9 @@ class GraLoRALinear(AdapterLinear):
     def adapter(self, x):
         """The update path alone: scaling * (sum_j B_ij A_ij x_j  +  hybrid_B hybrid_A x).
 
-        Two batched matmuls with exactly LoRA's FLOPs, laid out for speed: x is read in place (a
-        strided view, not a copy), and scaling is folded into the small B factors instead of
-        multiplying the (T, M) output.
+        Two batched matmuls (plus one for the hybrid part) with exactly LoRA's FLOPs, laid out for
+        speed: x is read in place (a strided view, not a copy), and scaling is folded into the small
+        B factors instead of multiplying the (T, M) output.
         """
         k, r, h = self.k, self.r, self.hybrid_r
         s, n, m = r // k, self.base.in_features // k, self.base.out_features // k
@@ -197,7 +209,9 @@ class GraLoRALinear(AdapterLinear):
         # latent[j, :, i*s:(i+1)*s] = A_ij x_j: the k x larger latent, k*k blocks of s = r/k
         # values, k*r per token (LoRA: r). Regroup it by output block for step 2 (a copy of
         # T*k*r values, a fraction of x's T*N).
-        latent = latent.view(k, T, k, s).permute(2, 1, 0, 3).reshape(k, T, r)  # (k, T, r): [i] = [A_ij x_j]_j
+        latent = latent.view(k, T, k, s)  # (k_in j, T, k_out i, s): [j, :, i] = A_ij x_j
+        latent = latent.permute(2, 1, 0, 3)  # (k_out i, T, k_in j, s)
+        latent = latent.reshape(k, T, r)  # (k, T, r): [i] = [A_i0 x_0 .. A_i(k-1) x_(k-1)]
         # Step 2, up-projection, batched over output blocks i: y_i = sum_j B_ij latent_ij is one
         # matmul per i with B_i0 .. B_i(k-1) stacked along the rank.
         B_by_output = (self.scaling * self.B).transpose(2, 3).reshape(k, r, m)  # (k, r, m)
@@ -235,7 +249,10 @@ def _upcast(t):
 
 
 def _matches(name, patterns):
-    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+    """A module name matches a pattern that equals it or its tail ("c_attn" matches "h.0.attn.c_attn"),
+    as a glob, anchored at a dot or not ("mlp.*" matches "h.0.mlp.c_fc")."""
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p)
+               or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
 
 
 def add_adapters(model, targets, method="gralora", r=8, k=2, alpha=None, dropout=0.0, hybrid_r=0):
@@ -266,15 +283,24 @@ def add_adapters(model, targets, method="gralora", r=8, k=2, alpha=None, dropout
         shared = owners[id(model.get_submodule(name).weight)]
         if len(shared) > 1:
             raise ValueError(f"{name}.weight is tied to {[n for n in shared if n != name]}; refusing to adapt it")
+    # Build every adapter before swapping any in, so a layer that does not fit (N not divisible by k,
+    # say) leaves the model exactly as it was: unchanged modules, unchanged requires_grad.
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    layers = {}
     for name in chosen:
+        base = model.get_submodule(name)
+        try:
+            if method == "lora":
+                layers[name] = LoRALinear(base, r, alpha=alpha, dropout=dropout)
+            else:
+                layers[name] = GraLoRALinear(base, r, k=k, alpha=alpha, dropout=dropout, hybrid_r=hybrid_r)
+        except ValueError as err:
+            for p in model.parameters():
+                p.requires_grad_(requires_grad[id(p)])
+            raise ValueError(f"cannot adapt {name}: {err}") from None
+    for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        base = getattr(parent, child)
-        if method == "lora":
-            layer = LoRALinear(base, r, alpha=alpha, dropout=dropout)
-        else:
-            layer = GraLoRALinear(base, r, k=k, alpha=alpha, dropout=dropout, hybrid_r=hybrid_r)
-        setattr(parent, child, layer)
+        setattr(model.get_submodule(parent_name), child, layer)
     mark_only_adapters_trainable(model)
     return chosen
 
@@ -363,7 +389,11 @@ def to_peft_gralora(layer):
 
 def load_peft_gralora(layer, tensors):
     """Inverse of to_peft_gralora: copy PEFT-layout factors into a GraLoRALinear of the same
-    r, k and hybrid_r (ValueError on a shape mismatch)."""
+    r, k and hybrid_r (ValueError on a shape mismatch, or on a merged layer)."""
+    if not isinstance(layer, GraLoRALinear):
+        raise ValueError(f"layer must be a GraLoRALinear, got {type(layer).__name__}")
+    if layer.merged:
+        raise ValueError("unmerge the layer before loading factors into it: its merged dW would be lost")
     k, _, s, n = layer.A.shape
     m = layer.B.shape[2]
     expected = {"gralora_A": (k, n, k * s), "gralora_B": (k, k * s, m)}

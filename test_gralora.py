@@ -243,8 +243,9 @@ def test_rank_k_times_r_and_r_over_k_per_block(N, M, r, k):
 
 
 def test_gradient_locality():
-    """An input that lives only in slice j reaches only the adapters reading slice j (paper Sec. 3.3);
-    LoRA's A gradient, by contrast, fills every column row of A as soon as B is non-zero."""
+    """An input that lives only in slice j reaches only the adapters reading slice j (paper Sec. 3.3).
+    LoRA's gradient is not so confined: every rank row of A and every column of B gets one, so the
+    slice's signal reaches the whole update."""
     N, M, r, k, j = 16, 16, 8, 4, 1
     n = N // k
     x = torch.zeros(10, N, dtype=torch.float64)
@@ -267,8 +268,10 @@ def test_only_adapter_parameters_train():
     wrapped = gralora.add_adapters(model, ["0", "2"], method="gralora", r=4, k=2)
     assert wrapped == ["0", "2"]
     model(torch.randn(5, 8)).sum().backward()
+    adapter_ids = {id(p) for _, p in gralora._adapter_params(model)}
+    assert len(adapter_ids) == 4  # A and B of two layers
     for name, p in model.named_parameters():
-        is_adapter = name.rsplit(".", 1)[-1] in ("A", "B")
+        is_adapter = id(p) in adapter_ids
         assert p.requires_grad == is_adapter, name
         assert (p.grad is not None) == is_adapter, name
     assert gralora.count_trainable_params(model) == 4 * (8 + 16) + 4 * (16 + 8)
@@ -308,8 +311,13 @@ def test_half_precision_base(dtype):
             p.copy_(q.double())
     torch.testing.assert_close(y.double(), ref(x.double()), rtol=0.05, atol=0.1)
     torch.testing.assert_close(layer.delta_weight().double(), ref.delta_weight(), rtol=1e-5, atol=1e-5)
+    W0 = layer.base.weight.clone()
     layer.merge()
     torch.testing.assert_close(layer(x).double(), ref(x.double()), rtol=0.05, atol=0.1)
+    layer.unmerge()  # W0 comes back to the half type's rounding, not exactly (see unmerge's docstring)
+    eps = torch.finfo(dtype).eps
+    scale = (W0.float().abs() + layer.delta_weight().abs()).max()
+    torch.testing.assert_close(layer.base.weight.float(), W0.float(), rtol=0, atol=2 * eps * scale.item())
 
 
 def tiny_model(seed=0):
@@ -380,6 +388,15 @@ def test_helpers_error_clearly():
     tied["lm_head"].weight = tied["wte"].weight
     with pytest.raises(ValueError, match=r"lm_head.weight is tied to \['wte'\]"):
         gralora.add_adapters(tied, ["lm_head"])
+    # patterns reach nested modules: a tail, or a glob anchored at a dot
+    nested = nn.ModuleDict({"h": nn.ModuleList([tiny_model()])})
+    assert gralora.add_adapters(nested, ["mlp.*", "attn.c_attn"], r=4) == [
+        "h.0.attn.c_attn", "h.0.mlp.c_fc", "h.0.mlp.c_proj"]
+    # a layer that cannot take the adapter leaves the model as it was (no half-wrapped model)
+    odd = nn.ModuleDict({"a": nn.Linear(16, 16), "b": nn.Linear(6, 16)})
+    with pytest.raises(ValueError, match=r"cannot adapt b: in_features=6 is not divisible by k=4"):
+        gralora.add_adapters(odd, ["a", "b"], r=4, k=4)
+    assert type(odd["a"]) is nn.Linear and all(p.requires_grad for p in odd.parameters())
     # a second call never wraps the frozen base inside an adapter
     gralora.add_adapters(model, ["c_fc"], r=4)
     with pytest.raises(ValueError, match="no nn.Linear matches"):
@@ -396,6 +413,9 @@ def test_helpers_error_clearly():
     (dict(r=4, k=4, in_features=30), r"in_features=30 is not divisible by k=4"),
     (dict(r=4, k=4, out_features=18), r"out_features=18 is not divisible by k=4"),
     (dict(r=4.0), r"r must be a positive integer, got r=4.0"),
+    (dict(r=True), r"r must be a positive integer, got r=True"),
+    (dict(r=4, dropout=1.0), r"dropout must be a probability in \[0, 1\), got dropout=1.0"),
+    (dict(r=4, dropout=-0.1), r"dropout must be a probability in \[0, 1\), got dropout=-0.1"),
 ])
 def test_bad_arguments(kwargs, message):
     N, M = kwargs.pop("in_features", 16), kwargs.pop("out_features", 16)
@@ -406,8 +426,16 @@ def test_bad_arguments(kwargs, message):
 def test_non_linear_base():
     with pytest.raises(ValueError, match="base must be an nn.Linear, got Conv1d"):
         GraLoRALinear(nn.Conv1d(4, 4, 1), r=2)
+    with pytest.raises(ValueError, match="base must be an nn.Linear, got Conv1d"):
+        LoRALinear(nn.Conv1d(4, 4, 1), r=2)
     with pytest.raises(ValueError, match="r must be a positive integer, got r=0"):
         LoRALinear(nn.Linear(4, 4), r=0)
+
+
+def test_numpy_integers_are_integers():
+    np = pytest.importorskip("numpy")
+    layer = GraLoRALinear(nn.Linear(8, 8), r=np.int64(4), k=np.int32(2), hybrid_r=np.int64(2))
+    assert layer.A.shape == (2, 2, 2, 4) and layer.hybrid_A.shape == (2, 8)
 
 
 # ---------------------------------------------------------------- Hugging Face PEFT layout
@@ -425,6 +453,11 @@ def test_peft_layout_round_trip(k, hybrid_r):
     assert torch.equal(dst(x), src(x))
     with pytest.raises(ValueError, match="do not fit this layer"):
         gralora.load_peft_gralora(make(16, 24, 8, 2 if k != 2 else 4), tensors)
+    dst.merge()
+    with pytest.raises(ValueError, match="unmerge the layer before loading"):
+        gralora.load_peft_gralora(dst, tensors)
+    with pytest.raises(ValueError, match="layer must be a GraLoRALinear, got LoRALinear"):
+        gralora.load_peft_gralora(make(16, 24, 8, None), tensors)
 
 
 @pytest.mark.parametrize("k,hybrid_r", [(2, 0), (4, 0), (2, 4)])

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from .outliers import planted_state
 from .train import METHODS, PRESETS, adapter_spec, finetune, format_table, pick_device, plot_sweep, pretrain
 
 
@@ -45,6 +46,10 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="fine-tuning seeds (adapter init and batch order); several give mean ± std. "
                         "Default: the preset's.")
+    parser.add_argument("--outlier-scale", type=float, default=1.0,
+                        help="plant an outlier input channel of this factor in every block of the base model before "
+                        "fine-tuning (tiny_gpt.outliers.plant_outliers: the base model's function is unchanged, its "
+                        "channel 0 grows s times). Default: 1, none.")
     parser.add_argument("--out", default=None,
                         help="write the results as a JSON list of rows to this file (rewritten after every run).")
     parser.add_argument("--fig", default=None,
@@ -84,6 +89,8 @@ def main(argv=None):
     preset = PRESETS[preset_name]
     ranks = args.ranks or preset.ranks
     seeds = args.seeds if args.seeds is not None else preset.seeds
+    if not args.outlier_scale > 0 or args.outlier_scale == float("inf"):
+        parser.error(f"--outlier-scale must be a positive finite number, got {args.outlier_scale}")
     try:
         runs = plan_runs(args.methods, ranks, args.k, args.hybrid_r, args.hybrid_max_r, seeds, preset.gpt.n_embd)
     except ValueError as err:
@@ -94,10 +101,14 @@ def main(argv=None):
     print(f"preset {preset_name} on {device}: {len(runs)} runs")
 
     base_state, _ = pretrain(preset.gpt, preset.train, device, cache_dir=args.cache_dir)
+    if args.outlier_scale != 1:
+        base_state = planted_state(base_state, preset.gpt, args.outlier_scale)
+        print(f"planted an outlier channel (x{args.outlier_scale:g}) in every block of the base model")
     rows = []
     for method, rank, k, hybrid_r, seed in runs:
         row = finetune(base_state, method, rank, k, hybrid_r, seed=seed or 0, preset=preset, device=device)
         del row["model"]
+        row["outlier_scale"] = args.outlier_scale
         rows.append(row)
         print(f"{method} rank={rank} seed={seed}: val loss {row['val_loss']:.4f}, pass@1 {100 * row['pass_at_1']:.1f}%,"
               f" {row['seconds']:.1f}s")
