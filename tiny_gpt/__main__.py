@@ -10,6 +10,7 @@ R/2 in a plain LoRA (PEFT's semantics: the JSON row's r is the GraLoRA part, hyb
 """
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -46,6 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="fine-tuning seeds (adapter init and batch order); several give mean ± std. "
                         "Default: the preset's.")
+    parser.add_argument("--lr-adapter", type=float, default=None,
+                        help="peak learning rate of the adapter methods (LoRA, GraLoRA, Hybrid). Default: the "
+                        "preset's (1e-2 on the cpu preset).")
     parser.add_argument("--outlier-scale", type=float, default=1.0,
                         help="plant an outlier input channel of this factor in every block of the base model before "
                         "fine-tuning (tiny_gpt.outliers.plant_outliers: the base model's function is unchanged, its "
@@ -87,6 +91,10 @@ def main(argv=None):
     parser, args = parse_args(argv)
     preset_name = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[preset_name]
+    if args.lr_adapter is not None:
+        if not 0 < args.lr_adapter < float("inf"):
+            parser.error(f"--lr-adapter must be a positive finite number, got {args.lr_adapter}")
+        preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, lr_adapter=args.lr_adapter))
     ranks = args.ranks or preset.ranks
     seeds = args.seeds if args.seeds is not None else preset.seeds
     if not args.outlier_scale > 0 or args.outlier_scale == float("inf"):
@@ -109,6 +117,7 @@ def main(argv=None):
         row = finetune(base_state, method, rank, k, hybrid_r, seed=seed or 0, preset=preset, device=device)
         del row["model"]
         row["outlier_scale"] = args.outlier_scale
+        row["lr"] = None if method == "base" else preset.train.lr_fft if method == "fft" else preset.train.lr_adapter
         rows.append(row)
         print(f"{method} rank={rank} seed={seed}: val loss {row['val_loss']:.4f}, pass@1 {100 * row['pass_at_1']:.1f}%,"
               f" {row['seconds']:.1f}s")

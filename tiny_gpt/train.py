@@ -458,22 +458,39 @@ def plot_sweep(rows, path=None):
     import matplotlib.pyplot as plt
 
     summary = summarize(rows)
+    # One line per method; GraLoRA's k is written next to its points. Only a sweep over k (several k at
+    # one rank budget) gets one line per (method, k).
+    ks_at = {}
+    for e in summary:
+        ks_at.setdefault((e["method"], e["rank_budget"]), set()).add(e["k"])
+    sweep_k = any(len(ks) > 1 for ks in ks_at.values())
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label, scale in ((axes[0], "val_loss", "val loss (completion tokens)", 1.0),
                                   (axes[1], "pass_at_1", "pass@1 on held-out tasks (%)", 100.0)):
         lines = {}
         for e in summary:
             if e["rank_budget"] is not None:
-                name = e["method"] if e["method"] == "lora" else f"{e['method']} k={e['k']}"
+                name = f"{e['method']} k={e['k']}" if sweep_k and e["method"] != "lora" else e["method"]
                 lines.setdefault(name, []).append(e)
+        shown = []
         for name, entries in lines.items():
             entries.sort(key=lambda e: e["rank_budget"])
             xs = [e["rank_budget"] for e in entries]
-            ax.errorbar(xs, [scale * e[key][0] for e in entries], yerr=[scale * e[key][1] for e in entries],
-                        marker="o", capsize=3, label=name)
+            ys = [scale * e[key][0] for e in entries]
+            ax.errorbar(xs, ys, yerr=[scale * e[key][1] for e in entries], marker="o", capsize=3, label=name)
+            shown += ys
+            if not sweep_k and name == "gralora":
+                for x, y, e in zip(xs, ys, entries):
+                    ax.annotate(f"k={e['k']}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        low, high = (min(shown), max(shown)) if shown else (0.0, 1.0)
         for e in summary:
             if e["rank_budget"] is None:  # fft and base: no rank, a horizontal line
                 mean, std = scale * e[key][0], scale * e[key][1]
+                pad = 0.5 * (high - low) + 1e-9
+                if key == "val_loss" and shown and not low - pad <= mean <= high + pad:
+                    # far off the adapters' range (the base model's loss): say it instead of squashing the axis
+                    ax.plot([], [], color="black", linestyle=":", label=f"{e['method']}: {mean:.3f}, off the axis")
+                    continue
                 style = dict(color="black", linestyle="--" if e["method"] == "fft" else ":")
                 ax.axhline(mean, label=e["method"], **style)
                 if std > 0:
@@ -482,6 +499,7 @@ def plot_sweep(rows, path=None):
         ax.set_xlabel("rank budget (the LoRA rank with the same trainable parameters)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     n_seeds = max(e["n"] for e in summary)
     fig.suptitle(f"LoRA vs GraLoRA on toy HumanEval (mean ± std over {n_seeds} seed(s))")
