@@ -69,6 +69,9 @@ def parse_args():
                    help="tiny_gpt preset whose model and batches section 5 uses (default: cpu, or gpu on CUDA)")
     p.add_argument("--gpt-ranks", type=int, nargs="+", default=[16, 64],
                    help="LoRA-equivalent ranks for section 5 (GraLoRA's k by the paper's rule, Hybrid = half LoRA)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: profile the adapter path (forward + backward) of LoRA and GraLoRA at "
+                        "the first shape with torch.profiler and print where the time goes, by operator")
     p.add_argument("--out", default=None, help="also write the report to this file")
     args = p.parse_args()
     if args.tokens > 512 and args.tokens % 512:
@@ -392,6 +395,28 @@ def _train_step(model, batches, cfg, device):
     return step
 
 
+def profile_adapters(args, say, reps=10):
+    """Self time per operator of layer.adapter(x) forward + backward: matmuls vs layout copies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    label, N, M, r, k, hybrid_r = SHAPES[0]
+    layers = build(N, M, r, k, hybrid_r, torch.device("cpu"), torch.float32, use_peft=False)
+    x = make_input(args.tokens, N, torch.device("cpu"), torch.float32).requires_grad_(True)
+    say(f"profile: adapter path forward + backward, {label} ({N}->{M}, r={r}, k={k}), {args.tokens} tokens, "
+        f"{torch.get_num_threads()} threads; self time per call, {reps} calls after 3 warm-up")
+    for name, layer in layers.items():
+        for _ in range(3):
+            layer.adapter(x).sum().backward()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(reps):
+                layer.adapter(x).sum().backward()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        say(f"  {name}: {total / reps / 1e3:.2f} ms per call")
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:5]:
+            say(f"    {e.key:<28}{e.self_cpu_time_total / reps / 1e3:8.2f} ms  {100 * e.self_cpu_time_total / total:5.1f}%")
+
+
 def main():
     args = parse_args()
     if args.threads:
@@ -409,6 +434,9 @@ def main():
     for line in machine_lines(devices):
         say(line)
     start = time.perf_counter()
+    if args.profile:
+        devices = []
+        profile_adapters(args, say)
     for device in devices:
         if not args.only_gpt:
             run_device(device, args, say)
