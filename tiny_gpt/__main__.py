@@ -1,7 +1,7 @@
 """`python -m tiny_gpt`: pretrain (or load) the base model, fine-tune it with each method, print a table.
 
     python -m tiny_gpt --preset smoke                          # the plumbing, in seconds
-    python -m tiny_gpt                                         # the cpu preset (gpu with CUDA): one rank, one seed
+    python -m tiny_gpt                                         # the cpu preset: one rank, one seed (gpu with CUDA)
     python -m tiny_gpt --ranks 4 16 64 --seeds 0 1 2 --out results/sweep_cpu.json --fig results/sweep_cpu.png
 
 Ranks are trainable-parameter budgets: every adapter method at rank R trains exactly as many parameters as
@@ -28,7 +28,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="experiment size: smoke (seconds, for tests), cpu (minutes on a laptop), "
-                        "gpu (one GPU, a bigger model). Default: gpu if CUDA is available, else cpu.")
+                        "gpu (one GPU, a bigger model). Default: gpu when the device is CUDA, else cpu.")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
                         help="what to run: base (the pretrained model, not fine-tuned), fft (full fine-tuning), "
                         "lora, gralora, hybrid. Default: all.")
@@ -89,7 +89,8 @@ def plan_runs(methods, ranks, ks, hybrid_r, hybrid_max_r, seeds, width):
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    preset_name = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device) if args.device else pick_device()
+    preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     preset = PRESETS[preset_name]
     if args.lr_adapter is not None:
         if not 0 < args.lr_adapter < float("inf"):
@@ -103,7 +104,6 @@ def main(argv=None):
         runs = plan_runs(args.methods, ranks, args.k, args.hybrid_r, args.hybrid_max_r, seeds, preset.gpt.n_embd)
     except ValueError as err:
         parser.error(str(err))
-    device = torch.device(args.device) if args.device else pick_device()
     sweep = len(set(ranks)) > 1 or len(set(seeds)) > 1 or len(args.k or []) > 1
     fig_path = args.fig or (os.path.splitext(args.out)[0] + ".png" if sweep and args.out else None)
     print(f"preset {preset_name} on {device}: {len(runs)} runs")

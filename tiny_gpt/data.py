@@ -33,8 +33,10 @@ return, each known three ways: as a line of code, as a terse step notation, and 
    model's near-zero pass@1 shows, and a many-entry mapping, where a tiny rank can fall short.
 
 Held-out tasks are new compositions. The ordered pairs of primitives are split three ways (train, val,
-test): a test task applies two primitives each seen in training, but never seen one after the other, neither
-in the fine-tuning tasks nor anywhere in the pretraining corpus. The val split (its own pairs) is the one to
+test): a test task applies two primitives each seen in training, but never one after the other as two
+steps, neither in the fine-tuning tasks nor in the corpus's step-by-step programs. (The corpus's one-line
+comprehensions such as `[v + 2 for v in nums if v > 3]` do fuse a filter and a map, so a test pair may appear
+there in that other form.) The val split (its own pairs) is the one to
 look at while choosing anything; the test split is only reported.
 
 A character tokenizer covers both kinds of text with a fixed alphabet, so token ids never depend on the data.

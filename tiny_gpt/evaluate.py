@@ -32,7 +32,7 @@ from .data import STOP
 # The child's program. It runs with `python -I` (isolated: no user site-packages, no PYTHON* variables, so
 # no PYTHONOPTIMIZE that would strip the asserts) and its working directory is the fresh sandbox directory.
 _HARNESS = r'''
-import builtins, io, json, os, posix, resource, sys
+import _io, builtins, io, json, os, posix, resource, signal, sys
 
 job = json.loads(sys.stdin.read())  # the nonce is read before any program code runs
 nonce, program, test = job["nonce"], job["program"], job["test"]
@@ -52,11 +52,14 @@ def refuse(name):
 # os re-exports these from posix; patch both so neither name reaches the real function.
 DISABLED = ["system", "popen", "fork", "forkpty", "vfork", "posix_spawn", "posix_spawnp", "kill", "killpg",
             "execv", "execve", "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace",
-            "truncate", "chmod", "chown", "lchown", "link", "symlink", "chdir", "chroot"]
+            "truncate", "ftruncate", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "link", "symlink",
+            "chdir", "chroot", "mkdir", "makedirs", "mkfifo", "mknod", "utime", "setxattr", "removexattr",
+            "pidfd_open"]
 for module in (os, posix):
     for name in DISABLED:
         if hasattr(module, name):
             setattr(module, name, refuse(name))
+signal.pidfd_send_signal = refuse("pidfd_send_signal")
 for name in ["subprocess", "_posixsubprocess", "multiprocessing", "pty", "ctypes", "_ctypes"]:
     sys.modules[name] = None  # importing a module set to None raises ImportError
 
@@ -66,7 +69,7 @@ def inside(path):
     return real == sandbox or real.startswith(sandbox + os.sep)
 
 
-real_open, real_os_open = io.open, os.open
+real_open, real_os_open, real_FileIO = io.open, os.open, io.FileIO
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
@@ -77,12 +80,22 @@ def guarded_open(file, mode="r", *args, **kwargs):
 
 
 def guarded_os_open(path, flags, *args, **kwargs):
+    if kwargs.get("dir_fd") is not None:  # a path relative to another directory: inside() cannot judge it
+        raise PermissionError("os.open with dir_fd is disabled in the sandbox")
     if flags & WRITE_FLAGS and not inside(path):
         raise PermissionError(f"writing {path!r} outside the sandbox is disabled")
     return real_os_open(path, flags, *args, **kwargs)
 
 
-builtins.open = io.open = guarded_open
+class GuardedFileIO(real_FileIO):
+    def __init__(self, file, mode="r", *args, **kwargs):
+        if not isinstance(file, int) and set(mode) & set("wax+") and not inside(file):
+            raise PermissionError(f"writing {file!r} outside the sandbox is disabled")
+        super().__init__(file, mode, *args, **kwargs)
+
+
+builtins.open = io.open = _io.open = guarded_open
+io.FileIO = _io.FileIO = GuardedFileIO
 os.open = posix.open = guarded_os_open
 
 namespace = {"__name__": "__main__"}

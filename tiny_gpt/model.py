@@ -28,8 +28,8 @@ class KVCache:
     Decoding token t needs the keys and values of tokens 0..t-1, which never change once computed (the
     model is causal), so we keep them instead of recomputing them at every step. To decode prompts of
     different lengths in one batch, they are left-padded to one length; `real` marks the padding so that
-    no real token attends to it and positions count real tokens only. A prompt then gets exactly the
-    logits it would get alone.
+    no real token attends to it and positions count real tokens only. A prompt then gets the logits it
+    would get alone, up to float rounding (the padded matmuls sum in another order).
     """
 
     def __init__(self, n_layer, real):
@@ -215,8 +215,9 @@ class GPT(nn.Module):
 
         Args:
             idx: (B, T) prompt token ids. Prompts shorter than T are left-padded (any id) and give their
-                real `lengths`; each row then decodes exactly as it would alone.
-            max_new_tokens: most tokens to add; also capped so no prompt passes block_size.
+                real `lengths`; each row then decodes as it would alone (up to float rounding).
+            max_new_tokens: most tokens to add; also capped so the longest prompt stays within block_size
+                (so with prompts of very different lengths, a short one may get fewer than it could alone).
             stop: optional list of token ids (e.g. those of "\\n\\n"). Decoding ends early once every row
                 has produced it; rows that finish first keep going until then, so callers cut each row at
                 its first stop sequence.
@@ -227,6 +228,9 @@ class GPT(nn.Module):
         """
         B, T = idx.size()
         lengths = torch.full((B,), T, device=idx.device) if lengths is None else lengths.to(idx.device)
+        if int(lengths.max()) >= self.config.block_size:
+            raise ValueError(f"a prompt of {int(lengths.max())} tokens leaves no room to generate within "
+                             f"block_size={self.config.block_size}")
         max_new_tokens = min(max_new_tokens, self.config.block_size - int(lengths.max()))
         real = torch.arange(T, device=idx.device)[None, :] >= (T - lengths)[:, None]  # (B, T): left padding False
         cache = KVCache(self.config.n_layer, real)

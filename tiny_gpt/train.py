@@ -158,7 +158,9 @@ def _corpus(train_cfg):
 def _pretrain_config(gpt_cfg, train_cfg):
     """Everything the pretrained weights depend on, as a JSON-able dict: the model config, the pretraining
     fields of the train config, and a hash of the corpus text itself (so editing data.py invalidates it)."""
-    fields = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k.startswith(("pretrain_", "corpus_"))}
+    shared = ("warmup_frac", "min_lr_frac", "grad_clip")  # the schedule both phases use
+    fields = {k: v for k, v in dataclasses.asdict(train_cfg).items()
+              if k.startswith(("pretrain_", "corpus_")) or k in shared}
     corpus_sha256 = hashlib.sha256(_corpus(train_cfg).encode()).hexdigest()
     return dict(gpt=dataclasses.asdict(gpt_cfg), data_seed=train_cfg.data_seed, corpus_sha256=corpus_sha256,
                 **fields)
@@ -408,14 +410,16 @@ def _mean_std(values):
 
 
 def summarize(rows):
-    """Group rows by configuration (method, r, k, hybrid_r) across seeds, in first-seen order.
+    """Group rows by configuration (method, r, k, hybrid_r, and lr and outlier_scale where rows have them)
+    across seeds, in first-seen order.
 
     Returns one dict per configuration with its first row's fields and, for val_loss, pass_at_1 and
     seconds, a (mean, std) pair; n is the number of seeds.
     """
     groups = {}
     for row in rows:
-        groups.setdefault((row["method"], row["r"], row["k"], row["hybrid_r"]), []).append(row)
+        key = (row["method"], row["r"], row["k"], row["hybrid_r"], row.get("lr"), row.get("outlier_scale", 1.0))
+        groups.setdefault(key, []).append(row)
     summary = []
     for group in groups.values():
         entry = {key: group[0][key] for key in ("method", "r", "k", "hybrid_r", "rank_budget",
