@@ -20,6 +20,14 @@ from .outliers import planted_state
 from .train import METHODS, PRESETS, adapter_spec, finetune, format_table, pick_device, plot_sweep, pretrain
 
 
+def positive_float(text):
+    """argparse type: a positive finite number, or an error that names the value."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m tiny_gpt",
@@ -47,10 +55,10 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="fine-tuning seeds (adapter init and batch order); several give mean ± std. "
                         "Default: the preset's.")
-    parser.add_argument("--lr-adapter", type=float, default=None,
+    parser.add_argument("--lr-adapter", type=positive_float, default=None,
                         help="peak learning rate of the adapter methods (LoRA, GraLoRA, Hybrid). Default: the "
                         "preset's (1e-2 on the cpu preset).")
-    parser.add_argument("--outlier-scale", type=float, default=1.0,
+    parser.add_argument("--outlier-scale", type=positive_float, default=1.0,
                         help="plant an outlier input channel of this factor in every block of the base model before "
                         "fine-tuning (tiny_gpt.outliers.plant_outliers: the base model's function is unchanged, its "
                         "channel 0 grows s times). Default: 1, none.")
@@ -93,13 +101,9 @@ def main(argv=None):
     preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     preset = PRESETS[preset_name]
     if args.lr_adapter is not None:
-        if not 0 < args.lr_adapter < float("inf"):
-            parser.error(f"--lr-adapter must be a positive finite number, got {args.lr_adapter}")
         preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, lr_adapter=args.lr_adapter))
     ranks = args.ranks or preset.ranks
     seeds = args.seeds if args.seeds is not None else preset.seeds
-    if not args.outlier_scale > 0 or args.outlier_scale == float("inf"):
-        parser.error(f"--outlier-scale must be a positive finite number, got {args.outlier_scale}")
     try:
         runs = plan_runs(args.methods, ranks, args.k, args.hybrid_r, args.hybrid_max_r, seeds, preset.gpt.n_embd)
     except ValueError as err:

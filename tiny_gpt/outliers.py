@@ -52,6 +52,7 @@ import gralora
 from gralora import AdapterLinear, GraLoRALinear, LoRALinear
 
 from .model import GPT
+from .train import _mean_std
 
 # The Linear layers adapters go on (DESIGN.md), named as in GPT-2, and the LayerNorm that feeds each of the
 # two that read a LayerNorm's output directly. Only those two can get a function-preserving planted outlier:
@@ -354,12 +355,6 @@ def planted_state(base_state, gpt_cfg, scale, channel=0):
     plant_outliers(model, scale, channel)
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
 
-
-def _mean_std(values):
-    values = list(values)
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
 
 
 def gradient_study(base_state, gpt_cfg, batches, ranks, scales, seeds, channel=0, train_steps=(0,), lr=1e-2,

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -402,11 +403,9 @@ def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, prese
 
 
 def _mean_std(values):
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    """Mean and sample standard deviation (0 for a single value) of any iterable of numbers."""
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarize(rows):
