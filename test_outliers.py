@@ -257,3 +257,68 @@ def test_study_grid_priorities():
     assert {m for m, *_ in runs[40:50]} == {"fft"}
     assert all(r is None for m, r, *_ in runs if m == "fft")
     assert max(r for m, r, *_ in runs if m == "hybrid") == 16
+
+
+# ---------------------------------------------------------------- the fine-tuning study's bookkeeping
+
+
+def study_row(method, rank, scale, seed, lr, val_loss, pass_at_1):
+    return dict(method=method, rank_budget=rank, outlier_scale=scale, seed=seed, lr=lr, val_loss=val_loss,
+                pass_at_1=pass_at_1, k=1 if method == "lora" else 2)
+
+
+def test_paired_differences_pair_by_seed_and_learning_rate():
+    rows = [study_row("lora", 16, 10.0, seed, 1e-2, 0.20 + 0.01 * seed, 0.10) for seed in range(3)]
+    rows += [study_row("gralora", 16, 10.0, seed, 1e-2, 0.10 + 0.03 * seed, 0.20) for seed in range(3)]
+    rows += [study_row("lora", 16, 10.0, 0, 3e-3, 0.5, 0.0)]  # no GraLoRA partner at this lr: no pair
+    diffs = outliers.paired_differences(rows)
+    assert list(diffs) == [(1e-2, 10.0, 16)]
+    d = diffs[(1e-2, 10.0, 16)]  # differences -0.10, -0.08, -0.06: mean -0.08, std 0.02
+    assert d["n"] == 3
+    assert d["val_loss"] == pytest.approx(-0.08) and d["val_loss_se"] == pytest.approx(0.02 / 3 ** 0.5)
+    assert d["pass_at_1"] == pytest.approx(0.10) and d["pass_at_1_se"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_finetune_study_records_lr_resumes_and_refuses_to_mix_rates(tmp_path):
+    import dataclasses
+    from tiny_gpt import train
+    preset = train.PRESETS["smoke"]
+    preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, pretrain_steps=2, finetune_steps=2,
+                                                                   n_train=20, n_val=4, n_test=3))
+    base_state, _ = train.pretrain(preset.gpt, preset.train, "cpu", cache_dir=str(tmp_path), log=lambda s: None)
+    out = str(tmp_path / "study.json")
+    runs = [("lora", 4, 10.0, 0), ("fft", None, 10.0, 0)]
+    rows = outliers.finetune_study(base_state, preset, runs, out, log=lambda s: None)
+    assert [(row["method"], row["lr"]) for row in rows] == [("lora", preset.train.lr_adapter),
+                                                            ("fft", preset.train.lr_fft)]
+    logs = []
+    assert outliers.finetune_study(base_state, preset, runs, out, log=logs.append) == rows  # nothing left to run
+    assert logs[0].startswith("2 of 2 runs already")
+    other = dataclasses.replace(preset, train=dataclasses.replace(preset.train, lr_adapter=0.125))
+    with pytest.raises(ValueError, match=r"lr=0.125"):
+        outliers.finetune_study(base_state, other, runs, out, log=lambda s: None)
+
+
+def test_lr_part_compares_files_without_pretraining(tmp_path, monkeypatch, capsys):
+    import json
+    from tiny_gpt import train
+
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("the lr part must not pretrain")
+
+    monkeypatch.setattr(train, "pretrain", no_pretraining)
+    for name, lr in (("a.json", 1e-2), ("b.json", 3e-3)):
+        rows = [study_row(method, 16, s, seed, lr, 0.1 + 0.01 * seed + (s > 1) * (method == "lora") * lr, 0.03)
+                for method in ("lora", "gralora") for s in (1.0, 100.0) for seed in range(2)]
+        (tmp_path / name).write_text(json.dumps(rows))
+    outliers.main(["--parts", "lr", "--preset", "smoke", "--out", str(tmp_path / "a.json"),
+                   "--compare", str(tmp_path / "b.json")])
+    assert (tmp_path / "a_lr.png").stat().st_size > 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 4  # header, then rank 16 x two scales x two rates
+    # at s=100 LoRA's val loss is higher by exactly its lr in these rows: the paired difference is -lr
+    assert any(line.split()[:3] == ["16", "100", "0.01"] and "-0.0100+-0.0000" in line for line in lines)
+    assert any(line.split()[:3] == ["16", "100", "0.003"] and "-0.0030+-0.0000" in line for line in lines)
+    with pytest.raises(SystemExit):
+        outliers.main(["--parts", "lr,bogus", "--out", str(tmp_path / "a.json")])
+    assert "bogus" in capsys.readouterr().err

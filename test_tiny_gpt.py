@@ -250,6 +250,8 @@ def test_short_finetune_lowers_the_loss(tmp_path):
         row = train.finetune(base_state, method, rank=4, preset=preset, log=lambda s: None)
         assert row["val_loss"] < base["val_loss"] - 0.01, method  # seeded: the same margin every run
         assert [step for step, _, _ in row["curve"]] == [10, 20]
+        assert row["lr"] == preset.train.lr_adapter
+    assert base["lr"] is None
 
 
 @pytest.mark.parametrize("rank", [4, 8, 16])

@@ -17,15 +17,8 @@ import os
 import torch
 
 from .outliers import planted_state
-from .train import METHODS, PRESETS, adapter_spec, finetune, format_table, pick_device, plot_sweep, pretrain
-
-
-def positive_float(text):
-    """argparse type: a positive finite number, or an error that names the value."""
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
-    return value
+from .train import (METHODS, PRESETS, adapter_spec, finetune, format_table, pick_device, plot_sweep, positive_float,
+                    pretrain)
 
 
 def parse_args(argv=None):
@@ -121,7 +114,6 @@ def main(argv=None):
         row = finetune(base_state, method, rank, k, hybrid_r, seed=seed or 0, preset=preset, device=device)
         del row["model"]
         row["outlier_scale"] = args.outlier_scale
-        row["lr"] = None if method == "base" else preset.train.lr_fft if method == "fft" else preset.train.lr_adapter
         rows.append(row)
         print(f"{method} rank={rank} seed={seed}: val loss {row['val_loss']:.4f}, pass@1 {100 * row['pass_at_1']:.1f}%,"
               f" {row['seconds']:.1f}s")

@@ -52,7 +52,7 @@ import gralora
 from gralora import AdapterLinear, GraLoRALinear, LoRALinear
 
 from .model import GPT
-from .train import _mean_std
+from .train import _mean_std, positive_float
 
 # The Linear layers adapters go on (DESIGN.md), named as in GPT-2, and the LayerNorm that feeds each of the
 # two that read a LayerNorm's output directly. Only those two can get a function-preserving planted outlier:
@@ -522,6 +522,10 @@ def finetune_study(base_state, preset, runs, out_path, channel=0, device="cpu", 
     from .train import encode_tasks, finetune, tasks_for
 
     rows = json.load(open(out_path)) if os.path.exists(out_path) else []
+    for row in rows:  # one file, one learning rate per method: resuming must not mix them
+        if row.get("lr") != preset.train.lr_for(row["method"]):
+            raise ValueError(f"{out_path} holds a {row['method']} row trained with lr={row.get('lr')}, but this "
+                             f"study runs lr={preset.train.lr_for(row['method'])}; choose another --out")
     done = {(row["method"], row["rank_budget"], row["outlier_scale"], row["seed"]) for row in rows}
     val_examples = encode_tasks(tasks_for(preset.train).val, CharTokenizer())
     states, start = {}, time.time()
@@ -539,8 +543,9 @@ def finetune_study(base_state, preset, runs, out_path, channel=0, device="cpu", 
         val_loss, val_loss_se = completion_loss_se(model, val_examples, device)
         p, n_test = result["pass_at_1"], preset.train.n_test
         row = dict(method=method, r=result["r"], k=result["k"], hybrid_r=result["hybrid_r"], seed=seed,
-                   outlier_scale=scale, trainable_params=result["trainable_params"], val_loss=val_loss,
-                   val_loss_se=val_loss_se, pass_at_1=p, pass_at_1_se=math.sqrt(p * (1 - p) / n_test),
+                   outlier_scale=scale, lr=result["lr"], trainable_params=result["trainable_params"],
+                   val_loss=val_loss, val_loss_se=val_loss_se,
+                   pass_at_1=p, pass_at_1_se=math.sqrt(p * (1 - p) / n_test),
                    seconds=result["seconds"], rank_budget=rank, n_val=len(val_examples), n_test=n_test,
                    final_train_loss=result["curve"][-1][1] if result["curve"] else None)
         rows.append(row)
@@ -574,19 +579,84 @@ def finetune_table(rows):
             f"{e['val_loss_se']:.4f} / {e['pass_at_1_se']:.3f}  {e['trainable_params']:>8.0f}{e['seconds']:>6.0f}")
     lines.append("")
     lines.append("GraLoRA - LoRA, paired by seed (same batches, same base): mean +- SE over seeds")
-    by_key = {(row["method"], row["rank_budget"], row["outlier_scale"], row["seed"]): row for row in rows}
-    pairs = {}
-    for (method, rank, scale, seed), row in by_key.items():
-        other = by_key.get(("gralora", rank, scale, seed))
-        if method == "lora" and other:
-            pairs.setdefault((scale, rank), []).append((other["val_loss"] - row["val_loss"],
-                                                         other["pass_at_1"] - row["pass_at_1"]))
-    for (scale, rank), diffs in sorted(pairs.items()):
-        (dv, sv), (dp, sp) = _mean_std(d[0] for d in diffs), _mean_std(d[1] for d in diffs)
-        n = len(diffs)
-        lines.append(f"  s={scale:<5g} rank={rank:<4} n={n}: val loss {dv:+.4f} +- {sv / math.sqrt(n):.4f}   "
-                     f"pass@1 {dp:+.3f} +- {sp / math.sqrt(n):.3f}")
+    for (lr, scale, rank), e in sorted(paired_differences(rows).items()):
+        lines.append(f"  s={scale:<5g} rank={rank:<4} n={e['n']}: val loss {e['val_loss']:+.4f} +- "
+                     f"{e['val_loss_se']:.4f}   pass@1 {e['pass_at_1']:+.3f} +- {e['pass_at_1_se']:.3f}")
     return "\n".join(lines)
+
+
+def paired_differences(rows):
+    """GraLoRA minus LoRA, paired by seed (the same batches and base model), for every (lr, outlier_scale,
+    rank_budget) where both ran: {key: dict(n, val_loss, val_loss_se, pass_at_1, pass_at_1_se)}, the mean
+    difference and its standard error over seeds."""
+    by_key = {(row["method"], row.get("lr"), row["outlier_scale"], row["rank_budget"], row["seed"]): row
+              for row in rows}
+    pairs = {}
+    for (method, lr, scale, rank, seed), lora in by_key.items():
+        gra = by_key.get(("gralora", lr, scale, rank, seed))
+        if method == "lora" and gra:
+            pairs.setdefault((lr, scale, rank), []).append((gra, lora))
+    out = {}
+    for key, pair_list in pairs.items():
+        out[key] = entry = dict(n=len(pair_list))
+        for value in ("val_loss", "pass_at_1"):
+            mean, std = _mean_std(gra[value] - lora[value] for gra, lora in pair_list)
+            entry[value], entry[value + "_se"] = mean, std / math.sqrt(len(pair_list))
+    return out
+
+
+def lr_table(rows):
+    """LoRA and GraLoRA under planted outliers at each adapter learning rate: mean +- SE over seeds, and the
+    paired difference. If GraLoRA's edge under outliers were only LoRA taking too large a step, it would
+    shrink at the smaller learning rate."""
+    summary = {(e["method"], e["lr"], e["outlier_scale"], e["rank_budget"]): e
+               for e in summarize([row for row in rows if row["method"] in ("lora", "gralora")],
+                                  ("method", "lr", "outlier_scale", "rank_budget"), ["val_loss", "pass_at_1"])}
+    lines = [f"{'rank':>4}{'s':>6}{'lr':>8}  {'LoRA val loss':<17}{'GraLoRA val loss':<17}{'paired G-L':<18}"
+             f"{'LoRA pass@1':<15}{'GraLoRA pass@1':<15}{'paired G-L':<16}{'n':>2}"]
+    diffs = paired_differences(rows)
+    for lr, scale, rank in sorted(diffs, key=lambda key: (key[2], key[1], -key[0])):
+        d, lora, gra = diffs[(lr, scale, rank)], summary[("lora", lr, scale, rank)], summary[("gralora", lr, scale, rank)]
+        lines.append(f"{rank:>4}{scale:>6g}{lr:>8g}  "
+                     + "".join(f"{e['val_loss']:.4f}+-{e['val_loss_se']:.4f}  " for e in (lora, gra))
+                     + f"{d['val_loss']:+.4f}+-{d['val_loss_se']:.4f}   "
+                     + "".join(f"{e['pass_at_1']:.3f}+-{e['pass_at_1_se']:.3f}  " for e in (lora, gra))
+                     + f"{d['pass_at_1']:+.3f}+-{d['pass_at_1_se']:.3f}  {d['n']:>2}")
+    return "\n".join(lines)
+
+
+def plot_lr_comparison(rows, path):
+    """Val loss and pass@1 against the outlier factor s, one column per rank, LoRA and GraLoRA at each adapter
+    learning rate (mean +- std over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in rows if row["method"] in ("lora", "gralora")]
+    summary = summarize(rows, ("method", "lr", "outlier_scale", "rank_budget"), ["val_loss", "pass_at_1"])
+    ranks, lrs = sorted({e["rank_budget"] for e in summary}), sorted({e["lr"] for e in summary}, reverse=True)
+    fig, axes = plt.subplots(2, len(ranks), figsize=(4.6 * len(ranks), 6.4), squeeze=False)
+    for col, rank in enumerate(ranks):
+        for row_i, (value, name) in enumerate((("val_loss", "val loss"), ("pass_at_1", "pass@1 (held-out)"))):
+            ax = axes[row_i][col]
+            for method, color in (("lora", "C0"), ("gralora", "C3")):
+                for lr, style in zip(lrs, ("-", "--", ":", "-.")):
+                    pts = sorted((e["outlier_scale"], e[value], e[value + "_std"]) for e in summary
+                                 if (e["method"], e["lr"], e["rank_budget"]) == (method, lr, rank))
+                    if pts:
+                        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                                    ms=4, capsize=3, color=color, ls=style, label=f"{method} lr={lr:g}")
+            ax.set_xscale("log")
+            if value == "val_loss":
+                ax.set_yscale("log")
+            ax.set(xlabel="planted outlier factor s", ylabel=name if col == 0 else None,
+                   title=f"rank {rank}" if row_i == 0 else None)
+            if row_i == 0 and col == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle("Is GraLoRA's edge under outliers a step-size effect? (mean +- std over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_finetune_study(rows, path):
@@ -647,7 +717,8 @@ def main(argv=None):
         description="Outlier channels and gradient entanglement on the tiny GPT: measure, plant, gradient "
                     "deviation, and a fine-tuning study (LoRA, GraLoRA, Hybrid, FFT) with planted outliers.")
     parser.add_argument("--parts", default="measure,gradients,finetune",
-                        help="comma-separated subset of measure, gradients, finetune")
+                        help="comma-separated subset of measure, gradients, finetune, lr (compares learning rates "
+                             "from finished study files; runs nothing)")
     parser.add_argument("--preset", default="cpu", help="model and training preset from tiny_gpt.train.PRESETS")
     parser.add_argument("--ranks", type=_ints, default=[4, 16, 64], help="LoRA-equivalent ranks, e.g. 4,16,64")
     parser.add_argument("--scales", type=_floats, default=[1.0, 10.0, 100.0], help="planted outlier factors s")
@@ -660,6 +731,10 @@ def main(argv=None):
     parser.add_argument("--n-val", type=int, default=None, help="override the preset's validation task count")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop starting fine-tuning runs after this long (the grid is in priority order)")
+    parser.add_argument("--lr-adapter", type=positive_float, default=None,
+                        help="adapter peak learning rate (default: the preset's); give each rate its own --out")
+    parser.add_argument("--compare", default="",
+                        help="lr part: comma-separated study files (other --lr-adapter runs) to compare with --out")
     parser.add_argument("--grad-ranks", type=_ints, default=[4, 16, 64], help="ranks of the gradient study")
     parser.add_argument("--grad-scales", type=_floats, default=[1.0, 100.0], help="outlier factors of the gradient study")
     parser.add_argument("--grad-batch", type=int, default=8, help="tasks per batch in the gradient study")
@@ -675,12 +750,19 @@ def main(argv=None):
 
     preset = get_preset(args.preset)
     overrides = {name: value for name, value in (("finetune_steps", args.finetune_steps), ("n_test", args.n_test),
-                                                 ("n_val", args.n_val)) if value is not None}
+                                                 ("n_val", args.n_val), ("lr_adapter", args.lr_adapter))
+                 if value is not None}
     preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, **overrides))
     device = pick_device()
     parts = args.parts.split(",")
+    unknown = set(parts) - {"measure", "gradients", "finetune", "lr"}
+    if unknown:
+        parser.error(f"unknown --parts {sorted(unknown)}; choose from measure, gradients, finetune, lr")
     stem = os.path.splitext(args.out)[0]
-    base_state, _ = pretrain(preset.gpt, preset.train, device)
+    if parts == ["lr"]:  # reads finished study files only
+        base_state = None
+    else:
+        base_state, _ = pretrain(preset.gpt, preset.train, device)
     tokenizer = CharTokenizer()
 
     if "measure" in parts:
@@ -725,6 +807,11 @@ def main(argv=None):
         rows = finetune_study(base_state, preset, runs, args.out, args.channel, device, args.max_minutes)
         plot_finetune_study(rows, f"{stem}.png")
         print(finetune_table(rows))
+
+    if "lr" in parts:
+        rows = [row for path in [args.out] + [p for p in args.compare.split(",") if p] for row in json.load(open(path))]
+        plot_lr_comparison(rows, f"{stem}_lr.png")
+        print(lr_table(rows))
 
 
 if __name__ == "__main__":

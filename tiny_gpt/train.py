@@ -10,6 +10,7 @@ Entry points (`python -m tiny_gpt`, the notebook) choose the device with `pick_d
 takes it as an argument.
 """
 
+import argparse
 import dataclasses
 import functools
 import hashlib
@@ -57,6 +58,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the gradient's global norm
     eval_every: int = 50  # steps between validation losses (and progress lines)
 
+    def lr_for(self, method):
+        """The fine-tuning peak learning rate of `method` (None for the untouched base model)."""
+        return None if method == "base" else self.lr_fft if method == "fft" else self.lr_adapter
+
 
 @dataclass
 class Preset:
@@ -93,6 +98,14 @@ def get_preset(name):
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def positive_float(text):
+    """argparse type: a positive finite number, or an error that names the value."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
+    return value
 
 
 def pick_device():
@@ -379,7 +392,7 @@ def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, prese
             picks = torch.randint(len(train_examples), (cfg.finetune_batch,), generator=gen).tolist()
             return collate([train_examples[i] for i in picks], device)
 
-        lr = cfg.lr_fft if method == "fft" else cfg.lr_adapter
+        lr = cfg.lr_for(method)
         start = time.time()
         curve = _optimize(model, params, lr, 0.0, cfg.finetune_steps, next_batch, cfg,
                           lambda: completion_loss(model, val_examples, device), log, f"{method} r={rank}")
@@ -390,7 +403,7 @@ def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, prese
         trainable_params=sum(p.numel() for p in params),
         val_loss=completion_loss(model, val_examples, device),
         pass_at_1=pass_at_1(model, tasks.test, tokenizer),
-        seconds=seconds,
+        seconds=seconds, lr=cfg.lr_for(method),
         rank_budget=None if r is None else r + spec_h,
         adapter_flops_per_token=adapter_flops_per_token(model),
         curve=curve, model=model,
