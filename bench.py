@@ -414,7 +414,8 @@ def profile_adapters(args, say, reps=10):
         total = sum(e.self_cpu_time_total for e in events)
         say(f"  {name}: {total / reps / 1e3:.2f} ms per call")
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:5]:
-            say(f"    {e.key:<28}{e.self_cpu_time_total / reps / 1e3:8.2f} ms  {100 * e.self_cpu_time_total / total:5.1f}%")
+            ms, share = e.self_cpu_time_total / reps / 1e3, 100 * e.self_cpu_time_total / total
+            say(f"    {e.key:<28}{ms:8.2f} ms  {share:5.1f}%")
 
 
 def main():

@@ -218,6 +218,25 @@ def test_gradient_deviation_on_a_gpt():
         assert 0 <= row["deviation"] <= 2 and 0 <= row["leak_share"] <= 1
 
 
+def test_gradient_study_averages_planted_and_control_layers():
+    model = tiny_gpt().float()
+    idx = tokens(B=2, T=16)
+    batches = [(idx[:, :-1], idx[:, 1:])] * 2
+    rows = outliers.gradient_study(model.state_dict(), CONFIG, batches, ranks=[4], scales=[1.0, 30.0], seeds=[0],
+                                   channel=2, train_steps=(0, 1), lr=1e-2, log=lambda s: None)
+    assert len(rows) == 2 * 2 * 2 * 2  # scales x adapter states x methods x layer groups
+    # the oracle: gradient_deviation on the planted model, averaged by hand over the planted layers
+    planted = copy.deepcopy(model)
+    outliers.plant_outliers(planted, 30.0, channel=2)
+    per_layer = outliers.gradient_deviation(planted, batches, "gralora", r=4, k=2, channel=2, train_steps=1, lr=1e-2)
+    chosen = [row for row in per_layer if row["layer"].endswith(("attn.c_attn", "mlp.c_fc"))]
+    expected = sum(row["columns_swamped"] for row in chosen) / len(chosen)
+    (row,) = [row for row in rows if (row["method"], row["outlier_scale"], row["train_steps"], row["layers"])
+              == ("gralora", 30.0, 1, "planted")]
+    assert row["columns_swamped"] == pytest.approx(expected, rel=1e-5)
+    assert {r["layers"] for r in rows} == {"planted", "control"}
+
+
 # ---------------------------------------------------------------- the study's plumbing
 
 
@@ -277,10 +296,14 @@ def test_paired_differences_pair_by_seed_and_learning_rate():
     assert d["n"] == 3
     assert d["val_loss"] == pytest.approx(-0.08) and d["val_loss_se"] == pytest.approx(0.02 / 3 ** 0.5)
     assert d["pass_at_1"] == pytest.approx(0.10) and d["pass_at_1_se"] == pytest.approx(0.0, abs=1e-12)
+    reverse = outliers.paired_differences(rows, method="lora", baseline="gralora")[(1e-2, 10.0, 16)]
+    assert reverse["val_loss"] == pytest.approx(0.08) and reverse["val_loss_se"] == d["val_loss_se"]
+    assert outliers.paired_differences(rows, method="hybrid", baseline="lora") == {}
 
 
 def test_finetune_study_records_lr_resumes_and_refuses_to_mix_rates(tmp_path):
     import dataclasses
+    import json
     from tiny_gpt import train
     preset = train.PRESETS["smoke"]
     preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, pretrain_steps=2, finetune_steps=2,
@@ -297,6 +320,10 @@ def test_finetune_study_records_lr_resumes_and_refuses_to_mix_rates(tmp_path):
     other = dataclasses.replace(preset, train=dataclasses.replace(preset.train, lr_adapter=0.125))
     with pytest.raises(ValueError, match=r"lr=0.125"):
         outliers.finetune_study(base_state, other, runs, out, log=lambda s: None)
+    old = tmp_path / "old.json"  # a file from before rows recorded their lr
+    old.write_text(json.dumps([{key: value for key, value in rows[0].items() if key != "lr"}]))
+    with pytest.raises(ValueError, match=r"old.json has a lora row that records no lr"):
+        outliers.finetune_study(base_state, preset, runs, str(old), log=lambda s: None)
 
 
 def test_lr_part_compares_files_without_pretraining(tmp_path, monkeypatch, capsys):
@@ -310,6 +337,7 @@ def test_lr_part_compares_files_without_pretraining(tmp_path, monkeypatch, capsy
     for name, lr in (("a.json", 1e-2), ("b.json", 3e-3)):
         rows = [study_row(method, 16, s, seed, lr, 0.1 + 0.01 * seed + (s > 1) * (method == "lora") * lr, 0.03)
                 for method in ("lora", "gralora") for s in (1.0, 100.0) for seed in range(2)]
+        rows.append(study_row("lora", 16, 1.0, 7, lr, 9.0, 0.0))  # no GraLoRA partner: left out of the table
         (tmp_path / name).write_text(json.dumps(rows))
     outliers.main(["--parts", "lr", "--preset", "smoke", "--out", str(tmp_path / "a.json"),
                    "--compare", str(tmp_path / "b.json")])
@@ -319,6 +347,20 @@ def test_lr_part_compares_files_without_pretraining(tmp_path, monkeypatch, capsy
     # at s=100 LoRA's val loss is higher by exactly its lr in these rows: the paired difference is -lr
     assert any(line.split()[:3] == ["16", "100", "0.01"] and "-0.0100+-0.0000" in line for line in lines)
     assert any(line.split()[:3] == ["16", "100", "0.003"] and "-0.0030+-0.0000" in line for line in lines)
+    assert any(line.split()[:5] == ["16", "1", "0.01", "0.1050+-0.0050", "0.1050+-0.0050"] for line in lines)
     with pytest.raises(SystemExit):
         outliers.main(["--parts", "lr,bogus", "--out", str(tmp_path / "a.json")])
     assert "bogus" in capsys.readouterr().err
+
+
+def test_load_studies_refuses_missing_lr_and_runs_counted_twice(tmp_path):
+    import json
+    rows = [study_row("lora", 16, 1.0, seed, 1e-2, 0.1, 0.03) for seed in range(2)]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "b.json").write_text(json.dumps(rows[1:]))
+    (tmp_path / "old.json").write_text(json.dumps([{k: v for k, v in rows[0].items() if k != "lr"}]))
+    assert outliers.load_studies([str(tmp_path / "a.json")]) == rows
+    with pytest.raises(ValueError, match=r"\('lora', 0.01, 1.0, 16, 1\).*a.json.*b.json"):
+        outliers.load_studies([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    with pytest.raises(ValueError, match=r"old.json: a lora row records no lr"):
+        outliers.load_studies([str(tmp_path / "old.json")])

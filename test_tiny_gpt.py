@@ -133,7 +133,8 @@ def test_tokenizer_round_trip_and_unknown_character():
 def test_data_is_deterministic():
     assert make_tasks(3, n_train=100, n_val=20, n_test=20) == make_tasks(3, n_train=100, n_val=20, n_test=20)
     assert make_corpus(3, 100) == make_corpus(3, 100)
-    assert make_tasks(4, n_train=100, n_val=20, n_test=20).train != make_tasks(3, n_train=100, n_val=20, n_test=20).train
+    sizes = dict(n_train=100, n_val=20, n_test=20)
+    assert make_tasks(4, **sizes).train != make_tasks(3, **sizes).train
     assert make_corpus(4, 100) != make_corpus(3, 100)
 
 
@@ -252,6 +253,8 @@ def test_short_finetune_lowers_the_loss(tmp_path):
         assert [step for step, _, _ in row["curve"]] == [10, 20]
         assert row["lr"] == preset.train.lr_adapter
     assert base["lr"] is None
+    with pytest.raises(ValueError, match="'sgd'"):
+        preset.train.lr_for("sgd")
 
 
 @pytest.mark.parametrize("rank", [4, 8, 16])

@@ -38,6 +38,7 @@ s = scaling (alpha / r) in formulas, rb = r/k the rank of one block in code.
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -177,7 +178,8 @@ def plant_outlier(model, layer, channel, scale):
         raise ValueError(f"scale must be a positive finite number, got scale={scale!r}")
     N = linear.in_features
     if not isinstance(channel, int) or not 0 <= channel < N:
-        raise ValueError(f"channel must be an integer in [0, {N}) for {layer} (in_features={N}), got channel={channel!r}")
+        raise ValueError(f"channel must be an integer in [0, {N}) for {layer} (in_features={N}), "
+                         f"got channel={channel!r}")
     block = names[layer[: -len(suffix) - 1]]
     ln = getattr(block, FED_BY[suffix])
     if ln.weight is None:
@@ -523,8 +525,11 @@ def finetune_study(base_state, preset, runs, out_path, channel=0, device="cpu", 
 
     rows = json.load(open(out_path)) if os.path.exists(out_path) else []
     for row in rows:  # one file, one learning rate per method: resuming must not mix them
-        if row.get("lr") != preset.train.lr_for(row["method"]):
-            raise ValueError(f"{out_path} holds a {row['method']} row trained with lr={row.get('lr')}, but this "
+        if "lr" not in row:
+            raise ValueError(f"{out_path} has a {row['method']} row that records no lr; add the rate it was "
+                             f"trained with to every row, or choose another --out")
+        if row["lr"] != preset.train.lr_for(row["method"]):
+            raise ValueError(f"{out_path} holds a {row['method']} row trained with lr={row['lr']}, but this "
                              f"study runs lr={preset.train.lr_for(row['method'])}; choose another --out")
     done = {(row["method"], row["rank_budget"], row["outlier_scale"], row["seed"]) for row in rows}
     val_examples = encode_tasks(tasks_for(preset.train).val, CharTokenizer())
@@ -561,8 +566,9 @@ def _label(row):
 
 
 def finetune_table(rows):
-    """The study's table: mean +- std over seeds, the standard error of that mean (std / sqrt(n)), and the
-    mean within-run sampling error of the held-out sets; then GraLoRA - LoRA paired by seed."""
+    """The table of one study file (one learning rate per method): mean +- std over seeds, the standard error
+    of that mean (std / sqrt(n)), and the mean within-run sampling error of the held-out sets; then GraLoRA -
+    LoRA paired by seed. lr_table compares files run at different learning rates."""
     lines = [f"{'method':<9}{'rank':>5}{'k':>3}{'s':>6}{'n':>3}  {'val loss mean+-std (SE)':<28}"
              f"{'pass@1 mean+-std (SE)':<26}{'held-out SE':<18}{'params':>8}{'sec':>6}"]
     summary = summarize(rows, ("method", "rank_budget", "outlier_scale"),
@@ -577,52 +583,81 @@ def finetune_table(rows):
             f"{e['val_loss']:.4f}+-{e['val_loss_std']:.4f} ({e['val_loss_std'] / math.sqrt(e['n']):.4f})   "
             f"{e['pass_at_1']:.3f}+-{e['pass_at_1_std']:.3f} ({e['pass_at_1_std'] / math.sqrt(e['n']):.3f})   "
             f"{e['val_loss_se']:.4f} / {e['pass_at_1_se']:.3f}  {e['trainable_params']:>8.0f}{e['seconds']:>6.0f}")
-    lines.append("")
-    lines.append("GraLoRA - LoRA, paired by seed (same batches, same base): mean +- SE over seeds")
-    for (lr, scale, rank), e in sorted(paired_differences(rows).items()):
-        lines.append(f"  s={scale:<5g} rank={rank:<4} n={e['n']}: val loss {e['val_loss']:+.4f} +- "
-                     f"{e['val_loss_se']:.4f}   pass@1 {e['pass_at_1']:+.3f} +- {e['pass_at_1_se']:.3f}")
+    for method, baseline in (("gralora", "lora"), ("hybrid", "gralora")):
+        diffs = paired_differences(rows, method, baseline)
+        if diffs:
+            lines += ["", f"{method} - {baseline}, paired by seed (same batches, same base): mean +- SE over seeds"]
+        for (lr, scale, rank), e in sorted(diffs.items()):
+            lines.append(f"  s={scale:<5g} rank={rank:<4} n={e['n']}: val loss {e['val_loss']:+.4f} +- "
+                         f"{e['val_loss_se']:.4f}   pass@1 {e['pass_at_1']:+.3f} +- {e['pass_at_1_se']:.3f}")
     return "\n".join(lines)
 
 
-def paired_differences(rows):
-    """GraLoRA minus LoRA, paired by seed (the same batches and base model), for every (lr, outlier_scale,
+def paired_differences(rows, method="gralora", baseline="lora"):
+    """`method` minus `baseline`, paired by seed (the same batches and base model), for every (lr, outlier_scale,
     rank_budget) where both ran: {key: dict(n, val_loss, val_loss_se, pass_at_1, pass_at_1_se)}, the mean
     difference and its standard error over seeds."""
     by_key = {(row["method"], row.get("lr"), row["outlier_scale"], row["rank_budget"], row["seed"]): row
               for row in rows}
     pairs = {}
-    for (method, lr, scale, rank, seed), lora in by_key.items():
-        gra = by_key.get(("gralora", lr, scale, rank, seed))
-        if method == "lora" and gra:
-            pairs.setdefault((lr, scale, rank), []).append((gra, lora))
+    for (name, lr, scale, rank, seed), base_row in by_key.items():
+        row = by_key.get((method, lr, scale, rank, seed))
+        if name == baseline and row:
+            pairs.setdefault((lr, scale, rank), []).append((row, base_row))
     out = {}
     for key, pair_list in pairs.items():
         out[key] = entry = dict(n=len(pair_list))
         for value in ("val_loss", "pass_at_1"):
-            mean, std = _mean_std(gra[value] - lora[value] for gra, lora in pair_list)
+            mean, std = _mean_std(row[value] - base_row[value] for row, base_row in pair_list)
             entry[value], entry[value + "_se"] = mean, std / math.sqrt(len(pair_list))
     return out
 
 
 def lr_table(rows):
-    """LoRA and GraLoRA under planted outliers at each adapter learning rate: mean +- SE over seeds, and the
-    paired difference. If GraLoRA's edge under outliers were only LoRA taking too large a step, it would
-    shrink at the smaller learning rate."""
-    summary = {(e["method"], e["lr"], e["outlier_scale"], e["rank_budget"]): e
-               for e in summarize([row for row in rows if row["method"] in ("lora", "gralora")],
-                                  ("method", "lr", "outlier_scale", "rank_budget"), ["val_loss", "pass_at_1"])}
+    """LoRA and GraLoRA under planted outliers at each adapter learning rate: mean +- SE over the seeds where
+    both ran (n), and their paired difference. If GraLoRA's edge under outliers were only LoRA taking too
+    large a step, it would shrink at the smaller learning rate."""
+    keys = ("method", "lr", "outlier_scale", "rank_budget")
+    seeds = {}
+    for row in rows:
+        seeds.setdefault(tuple(row[key] for key in keys), set()).add(row["seed"])
+
+    def paired(row):
+        _, *rest = (row[key] for key in keys)
+        return row["seed"] in seeds.get(("lora", *rest), ()) and row["seed"] in seeds.get(("gralora", *rest), ())
+
+    summary = {tuple(e[key] for key in keys): e
+               for e in summarize([row for row in rows if row["method"] in ("lora", "gralora") and paired(row)],
+                                  keys, ["val_loss", "pass_at_1"])}
     lines = [f"{'rank':>4}{'s':>6}{'lr':>8}  {'LoRA val loss':<17}{'GraLoRA val loss':<17}{'paired G-L':<18}"
              f"{'LoRA pass@1':<15}{'GraLoRA pass@1':<15}{'paired G-L':<16}{'n':>2}"]
     diffs = paired_differences(rows)
     for lr, scale, rank in sorted(diffs, key=lambda key: (key[2], key[1], -key[0])):
-        d, lora, gra = diffs[(lr, scale, rank)], summary[("lora", lr, scale, rank)], summary[("gralora", lr, scale, rank)]
+        d = diffs[(lr, scale, rank)]
+        lora, gra = summary[("lora", lr, scale, rank)], summary[("gralora", lr, scale, rank)]
         lines.append(f"{rank:>4}{scale:>6g}{lr:>8g}  "
                      + "".join(f"{e['val_loss']:.4f}+-{e['val_loss_se']:.4f}  " for e in (lora, gra))
                      + f"{d['val_loss']:+.4f}+-{d['val_loss_se']:.4f}   "
                      + "".join(f"{e['pass_at_1']:.3f}+-{e['pass_at_1_se']:.3f}  " for e in (lora, gra))
                      + f"{d['pass_at_1']:+.3f}+-{d['pass_at_1_se']:.3f}  {d['n']:>2}")
     return "\n".join(lines)
+
+
+def load_studies(paths):
+    """The rows of several study files (one learning rate each), checked: every row records its lr, and no
+    (method, lr, outlier_scale, rank_budget, seed) appears twice (the same file given twice, or two files
+    that ran the same configuration), which would silently count a run twice."""
+    rows, seen = [], {}
+    for path in paths:
+        for row in json.load(open(path)):
+            if "lr" not in row:
+                raise ValueError(f"{path}: a {row['method']} row records no lr; add the rate it was trained with")
+            key = tuple(row[name] for name in ("method", "lr", "outlier_scale", "rank_budget", "seed"))
+            if key in seen:
+                raise ValueError(f"run {key} (method, lr, s, rank, seed) is in both {seen[key]} and {path}")
+            seen[key] = path
+            rows.append(row)
+    return rows
 
 
 def plot_lr_comparison(rows, path):
@@ -640,7 +675,7 @@ def plot_lr_comparison(rows, path):
         for row_i, (value, name) in enumerate((("val_loss", "val loss"), ("pass_at_1", "pass@1 (held-out)"))):
             ax = axes[row_i][col]
             for method, color in (("lora", "C0"), ("gralora", "C3")):
-                for lr, style in zip(lrs, ("-", "--", ":", "-.")):
+                for lr, style in zip(lrs, itertools.cycle(("-", "--", ":", "-."))):
                     pts = sorted((e["outlier_scale"], e[value], e[value + "_std"]) for e in summary
                                  if (e["method"], e["lr"], e["rank_budget"]) == (method, lr, rank))
                     if pts:
@@ -736,7 +771,8 @@ def main(argv=None):
     parser.add_argument("--compare", default="",
                         help="lr part: comma-separated study files (other --lr-adapter runs) to compare with --out")
     parser.add_argument("--grad-ranks", type=_ints, default=[4, 16, 64], help="ranks of the gradient study")
-    parser.add_argument("--grad-scales", type=_floats, default=[1.0, 100.0], help="outlier factors of the gradient study")
+    parser.add_argument("--grad-scales", type=_floats, default=[1.0, 100.0],
+                        help="outlier factors of the gradient study")
     parser.add_argument("--grad-batch", type=int, default=8, help="tasks per batch in the gradient study")
     parser.add_argument("--grad-steps", type=_ints, default=[0, 10],
                         help="adapter states of the gradient study: AdamW steps before measuring (0 = init)")
@@ -809,7 +845,10 @@ def main(argv=None):
         print(finetune_table(rows))
 
     if "lr" in parts:
-        rows = [row for path in [args.out] + [p for p in args.compare.split(",") if p] for row in json.load(open(path))]
+        try:
+            rows = load_studies([args.out] + [path for path in args.compare.split(",") if path])
+        except ValueError as err:
+            parser.error(str(err))
         plot_lr_comparison(rows, f"{stem}_lr.png")
         print(lr_table(rows))
 

@@ -60,6 +60,8 @@ class TrainConfig:
 
     def lr_for(self, method):
         """The fine-tuning peak learning rate of `method` (None for the untouched base model)."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         return None if method == "base" else self.lr_fft if method == "fft" else self.lr_adapter
 
 
@@ -101,7 +103,8 @@ def get_preset(name):
 
 
 def positive_float(text):
-    """argparse type: a positive finite number, or an error that names the value."""
+    """argparse type: a positive finite number, or an error that names the value. Shared by the command lines
+    of tiny_gpt and tiny_gpt.outliers."""
     value = float(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
@@ -359,10 +362,10 @@ def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, prese
         device: where to train.
 
     Returns:
-        dict(method, r, k, hybrid_r, seed, trainable_params, val_loss, pass_at_1, seconds, rank_budget,
+        dict(method, r, k, hybrid_r, seed, trainable_params, val_loss, pass_at_1, seconds, lr, rank_budget,
         adapter_flops_per_token, curve, model): r, k, hybrid_r are what the adapters were built with (None
-        for base and fft); seconds is the training time alone; curve lists (step, train_loss, val_loss);
-        model is the fine-tuned GPT.
+        for base and fft); seconds is the training time alone; lr is the peak learning rate (None for base);
+        curve lists (step, train_loss, val_loss); model is the fine-tuned GPT.
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     gpt_cfg, cfg = preset.gpt, preset.train
