@@ -30,6 +30,8 @@ What is here:
   * induced_update / deviation / outlier_leak / gradient_deviation: the first-order update each method makes
     from a batch's FFT gradient, and how far (and where) it deviates from FFT's (Fig. 3b-c and 6 in miniature);
   * finetune_study: LoRA, GraLoRA, Hybrid and FFT fine-tuned on the toy task with and without outliers;
+  * load_studies / lr_table / plot_lr_comparison: the same study at several adapter learning rates, to tell
+    entanglement from a too-large step;
   * a command line that runs the whole study:  python -m tiny_gpt.outliers --help
 
 Shapes: B batch, T tokens, N in_features, M out_features, r rank, k blocks per side, n = N/k, m = M/k,
@@ -568,7 +570,7 @@ def _label(row):
 def finetune_table(rows):
     """The table of one study file (one learning rate per method): mean +- std over seeds, the standard error
     of that mean (std / sqrt(n)), and the mean within-run sampling error of the held-out sets; then GraLoRA -
-    LoRA paired by seed. lr_table compares files run at different learning rates."""
+    LoRA and Hybrid - GraLoRA paired by seed. lr_table compares files run at different learning rates."""
     lines = [f"{'method':<9}{'rank':>5}{'k':>3}{'s':>6}{'n':>3}  {'val loss mean+-std (SE)':<28}"
              f"{'pass@1 mean+-std (SE)':<26}{'held-out SE':<18}{'params':>8}{'sec':>6}"]
     summary = summarize(rows, ("method", "rank_budget", "outlier_scale"),
@@ -852,9 +854,9 @@ def main(argv=None):
     if "lr" in parts:
         try:
             rows = load_studies([args.out] + [path for path in args.compare.split(",") if path])
+            plot_lr_comparison(rows, f"{stem}_lr.png")
         except ValueError as err:
             parser.error(str(err))
-        plot_lr_comparison(rows, f"{stem}_lr.png")
         print(lr_table(rows))
 
 
