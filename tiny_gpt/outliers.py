@@ -397,8 +397,9 @@ def gradient_study(base_state, gpt_cfg, batches, ranks, scales, seeds, channel=0
     return rows
 
 
-def summarize(rows, keys, values):
-    """Group rows by `keys`; for each value: mean, std over the group and n. Returns a list of dicts."""
+def group_stats(rows, keys, values):
+    """Group rows by `keys`; for each value: mean, std and SE over the group, and n. Returns a list of flat
+    dicts (value, value_std, value_se). (tiny_gpt.train.summarize is the sweep table's fixed grouping.)"""
     groups = {}
     for row in rows:
         groups.setdefault(tuple(row[key] for key in keys), []).append(row)
@@ -428,8 +429,8 @@ def plot_gradient_study(rows, path):
     fig, axes = plt.subplots(len(states), len(panels), figsize=(4.2 * len(panels), 3.3 * len(states)), squeeze=False)
     scales = sorted({row["outlier_scale"] for row in rows})
     for si, steps in enumerate(states):
-        summary = summarize([row for row in rows if row["train_steps"] == steps],
-                            ("method", "outlier_scale", "r"), [p for p, _ in panels])
+        summary = group_stats([row for row in rows if row["train_steps"] == steps],
+                              ("method", "outlier_scale", "r"), [p for p, _ in panels])
         for pi, (value, title) in enumerate(panels):
             ax = axes[si][pi]
             for method, style in (("lora", "-"), ("gralora", "--")):
@@ -573,8 +574,8 @@ def finetune_table(rows):
     LoRA and Hybrid - GraLoRA paired by seed. lr_table compares files run at different learning rates."""
     lines = [f"{'method':<9}{'rank':>5}{'k':>3}{'s':>6}{'n':>3}  {'val loss mean+-std (SE)':<28}"
              f"{'pass@1 mean+-std (SE)':<26}{'held-out SE':<18}{'params':>8}{'sec':>6}"]
-    summary = summarize(rows, ("method", "rank_budget", "outlier_scale"),
-                        ["val_loss", "pass_at_1", "val_loss_se", "pass_at_1_se", "seconds", "trainable_params"])
+    summary = group_stats(rows, ("method", "rank_budget", "outlier_scale"),
+                          ["val_loss", "pass_at_1", "val_loss_se", "pass_at_1_se", "seconds", "trainable_params"])
     order = {"fft": 0, "lora": 1, "gralora": 2, "hybrid": 3}
     summary.sort(key=lambda e: (e["outlier_scale"], order[e["method"]], e["rank_budget"] or 0))
     ks = {(row["method"], row["rank_budget"]): row["k"] for row in rows}
@@ -620,17 +621,15 @@ def lr_table(rows):
     both ran (n), and their paired difference. If GraLoRA's edge under outliers were only LoRA taking too
     large a step, it would shrink at the smaller learning rate."""
     keys = ("method", "lr", "outlier_scale", "rank_budget")
-    seeds = {}
-    for row in rows:
-        seeds.setdefault(tuple(row[key] for key in keys), set()).add(row["seed"])
 
-    def paired(row):
-        _, *rest = (row[key] for key in keys)
-        return row["seed"] in seeds.get(("lora", *rest), ()) and row["seed"] in seeds.get(("gralora", *rest), ())
+    def runs(method):  # (lr, s, rank, seed) of every run of `method`
+        return {(row["lr"], row["outlier_scale"], row["rank_budget"], row["seed"]) for row in rows
+                if row["method"] == method}
 
-    summary = {tuple(e[key] for key in keys): e
-               for e in summarize([row for row in rows if row["method"] in ("lora", "gralora") and paired(row)],
-                                  keys, ["val_loss", "pass_at_1"])}
+    both = runs("lora") & runs("gralora")
+    paired_rows = [row for row in rows if row["method"] in ("lora", "gralora")
+                   and (row["lr"], row["outlier_scale"], row["rank_budget"], row["seed"]) in both]
+    summary = {tuple(e[key] for key in keys): e for e in group_stats(paired_rows, keys, ["val_loss", "pass_at_1"])}
     lines = [f"{'rank':>4}{'s':>6}{'lr':>8}  {'LoRA val loss':<17}{'GraLoRA val loss':<17}{'paired G-L':<18}"
              f"{'LoRA pass@1':<15}{'GraLoRA pass@1':<15}{'paired G-L':<16}{'n':>2}"]
     diffs = paired_differences(rows)
@@ -670,10 +669,12 @@ def plot_lr_comparison(rows, path):
     import matplotlib.pyplot as plt
 
     rows = [row for row in rows if row["method"] in ("lora", "gralora")]
-    summary = summarize(rows, ("method", "lr", "outlier_scale", "rank_budget"), ["val_loss", "pass_at_1"])
+    summary = group_stats(rows, ("method", "lr", "outlier_scale", "rank_budget"), ["val_loss", "pass_at_1"])
     lrs = sorted({e["lr"] for e in summary}, reverse=True)
-    ranks = sorted({e["rank_budget"] for e in summary
-                    if len({f["lr"] for f in summary if f["rank_budget"] == e["rank_budget"]}) > 1})
+    lrs_at = {}
+    for e in summary:
+        lrs_at.setdefault(e["rank_budget"], set()).add(e["lr"])
+    ranks = sorted(rank for rank, rates in lrs_at.items() if len(rates) > 1)
     if not ranks:
         raise ValueError(f"no rank ran at more than one learning rate (rates found: {lrs})")
     fig, axes = plt.subplots(2, len(ranks), figsize=(4.6 * len(ranks), 6.4), squeeze=False)
@@ -708,7 +709,7 @@ def plot_finetune_study(rows, path):
     import matplotlib.pyplot as plt
 
     scales = sorted({row["outlier_scale"] for row in rows})
-    summary = summarize(rows, ("method", "rank_budget", "outlier_scale"), ["val_loss", "pass_at_1"])
+    summary = group_stats(rows, ("method", "rank_budget", "outlier_scale"), ["val_loss", "pass_at_1"])
     fig, axes = plt.subplots(2, len(scales), figsize=(4.2 * len(scales), 6.4), squeeze=False, sharey="row")
     colors = {"fft": "k", "lora": "C0", "gralora": "C3", "hybrid": "C2"}
     for col, scale in enumerate(scales):
@@ -838,8 +839,8 @@ def main(argv=None):
         keys = ("train_steps", "outlier_scale", "r", "method")
         print(f"{'steps':>5}{'s':>6}{'r':>4} {'method':<8} deviation (all cols)  (other cols)    "
               f"swamped share    [planted layers, mean+-std over seeds]")
-        for e in sorted(summarize([r for r in rows if r["layers"] == "planted"], keys,
-                                  ["deviation", "deviation_others", "columns_swamped"]),
+        for e in sorted(group_stats([r for r in rows if r["layers"] == "planted"], keys,
+                                    ["deviation", "deviation_others", "columns_swamped"]),
                         key=lambda e: tuple(e[k] for k in keys)):
             print(f"{e['train_steps']:>5}{e['outlier_scale']:>6g}{e['r']:>4} {e['method']:<8} "
                   f"{e['deviation']:.3f}+-{e['deviation_std']:.3f}      {e['deviation_others']:.3f}+-"
