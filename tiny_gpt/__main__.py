@@ -16,7 +16,6 @@ import os
 
 import torch
 
-from .outliers import planted_state
 from .train import (METHODS, PRESETS, adapter_spec, finetune, format_table, pick_device, plot_sweep, positive_float,
                     pretrain)
 
@@ -51,10 +50,6 @@ def parse_args(argv=None):
     parser.add_argument("--lr-adapter", type=positive_float, default=None,
                         help="peak learning rate of the adapter methods (LoRA, GraLoRA, Hybrid). Default: the "
                         "preset's (1e-2 on the cpu preset).")
-    parser.add_argument("--outlier-scale", type=positive_float, default=1.0,
-                        help="plant an outlier input channel of this factor in every block of the base model before "
-                        "fine-tuning (tiny_gpt.outliers.plant_outliers: the base model's function is unchanged, its "
-                        "channel 0 grows s times). Default: 1, none.")
     parser.add_argument("--out", default=None,
                         help="write the results as a JSON list of rows to this file (rewritten after every run).")
     parser.add_argument("--fig", default=None,
@@ -106,14 +101,10 @@ def main(argv=None):
     print(f"preset {preset_name} on {device}: {len(runs)} runs")
 
     base_state, _ = pretrain(preset.gpt, preset.train, device, cache_dir=args.cache_dir)
-    if args.outlier_scale != 1:
-        base_state = planted_state(base_state, preset.gpt, args.outlier_scale)
-        print(f"planted an outlier channel (x{args.outlier_scale:g}) in every block of the base model")
     rows = []
     for method, rank, k, hybrid_r, seed in runs:
         row = finetune(base_state, method, rank, k, hybrid_r, seed=seed or 0, preset=preset, device=device)
         del row["model"]
-        row["outlier_scale"] = args.outlier_scale
         rows.append(row)
         print(f"{method} rank={rank} seed={seed}: val loss {row['val_loss']:.4f}, pass@1 {100 * row['pass_at_1']:.1f}%,"
               f" {row['seconds']:.1f}s")

@@ -104,7 +104,7 @@ def get_preset(name):
 
 def positive_float(text):
     """argparse type: a positive finite number, or an error that names the value. Shared by the command lines
-    of tiny_gpt and tiny_gpt.outliers."""
+    of tiny_gpt and study.outliers."""
     value = float(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")

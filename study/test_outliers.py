@@ -1,6 +1,6 @@
-"""Tests for tiny_gpt/outliers.py: planted outliers, channel RMS, and the update each adapter induces.
+"""Tests for study/outliers.py: planted outliers, channel RMS, and the update each adapter induces.
 
-    python -m pytest -q test_outliers.py
+    python -m pytest -q study/test_outliers.py
 
 Checked against oracles, in float64 where exactness is claimed:
   * planting an outlier leaves the base model's logits unchanged and multiplies that channel's RMS by s;
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import gralora
-from tiny_gpt import outliers
+from study import outliers
 from tiny_gpt.model import GPT, GPTConfig
 
 CONFIG = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=16)

@@ -32,7 +32,7 @@ What is here:
   * finetune_study: LoRA, GraLoRA, Hybrid and FFT fine-tuned on the toy task with and without outliers;
   * load_studies / lr_table / plot_lr_comparison: the same study at several adapter learning rates, to tell
     entanglement from a too-large step;
-  * a command line that runs the whole study:  python -m tiny_gpt.outliers --help
+  * a command line that runs the whole study:  python -m study.outliers --help
 
 Shapes: B batch, T tokens, N in_features, M out_features, r rank, k blocks per side, n = N/k, m = M/k,
 s = scaling (alpha / r) in formulas, rb = r/k the rank of one block in code.
@@ -54,8 +54,8 @@ import torch.nn as nn
 import gralora
 from gralora import AdapterLinear, GraLoRALinear, LoRALinear
 
-from .model import GPT
-from .train import _mean_std, positive_float
+from tiny_gpt.model import GPT
+from tiny_gpt.train import _mean_std, positive_float
 
 # The Linear layers adapters go on (DESIGN.md), named as in GPT-2, and the LayerNorm that feeds each of the
 # two that read a LayerNorm's output directly. Only those two can get a function-preserving planted outlier:
@@ -756,7 +756,7 @@ def main(argv=None):
     from .train import collate, encode_tasks, get_preset, pick_device, pretrain, tasks_for
 
     parser = argparse.ArgumentParser(
-        prog="python -m tiny_gpt.outliers",
+        prog="python -m study.outliers",
         description="Outlier channels and gradient entanglement on the tiny GPT: measure, plant, gradient "
                     "deviation, and a fine-tuning study (LoRA, GraLoRA, Hybrid, FFT) with planted outliers.")
     parser.add_argument("--parts", default="measure,gradients,finetune",
@@ -785,8 +785,8 @@ def main(argv=None):
     parser.add_argument("--grad-steps", type=_ints, default=[0, 10],
                         help="adapter states of the gradient study: AdamW steps before measuring (0 = init)")
     parser.add_argument("--grad-seeds", type=int, default=5, help="seeds of the gradient study")
-    parser.add_argument("--out", default="results/outliers.json",
-                        help="fine-tuning rows; the other parts write results/outliers_<part>.json/.png beside it")
+    parser.add_argument("--out", default="study/results/outliers.json",
+                        help="fine-tuning rows; the other parts write outliers_<part>.json/.png beside it")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:

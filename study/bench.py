@@ -1,8 +1,8 @@
 """Benchmark: does GraLoRA cost what LoRA costs? One adapted layer (and the tiny GPT), timed side by side.
 
-    python bench.py                     # the full run (about 1 to 2 minutes on 2 CPU cores)
-    python bench.py --quick             # a smoke run in a few seconds
-    python bench.py --out results/bench_cpu.txt
+    python -m study.bench                     # the full run (about 1 to 2 minutes on 2 CPU cores)
+    python -m study.bench --quick             # a smoke run in a few seconds
+    python -m study.bench --out study/results/bench_cpu.txt
 
 What it measures, at equal rank (same trainable parameters, same matmul FLOPs):
   1. forward + backward of a whole adapted layer (frozen base + adapter, gradients for the input
@@ -431,7 +431,7 @@ def main():
         print(line, flush=True)
         lines.append(line)
 
-    say(f"GraLoRA vs LoRA at equal rank: python bench.py {' '.join(os.sys.argv[1:])}".rstrip())
+    say(f"GraLoRA vs LoRA at equal rank: python -m study.bench {' '.join(os.sys.argv[1:])}".rstrip())
     for line in machine_lines(devices):
         say(line)
     start = time.perf_counter()
