@@ -5,23 +5,23 @@ GraLoRA's motivation (Jung et al., arXiv 2505.20355, Sec. 3.2-3.3) is a mechanis
   1. Large LLMs have a few input channels whose activations are orders of magnitude larger than the rest
      (paper Fig. 3a).
   2. FFT's weight gradient is G = dL/dW = dY^T X (M, N): an outlier input channel c only inflates column c.
-  3. LoRA's factors see G through each other. One SGD step of size lr on A and B changes dW = s B A by,
+  3. LoRA's factors see G through each other. One SGD step of size lr on A and B changes dW = scaling B A by,
      to first order in lr (paper Eq. 4 and the text around it),
 
-         dW_step = -lr * s^2 * (G A^T A  +  B B^T G)                                          (LoRA)
+         dW_step = -lr * scaling^2 * (G A^T A  +  B B^T G)                                   (LoRA)
 
      The term G A^T A mixes the columns of G: the outlier's column c leaks into EVERY input column
      through row c of A^T A ("gradient entanglement").
   4. GraLoRA's blocks each see their own slice of G, so the same step changes block (i, j) by
 
-         dW_step[i, j] = -lr * s^2 * (G_ij A_ij^T A_ij  +  B_ij B_ij^T G_ij)               (GraLoRA)
+         dW_step[i, j] = -lr * scaling^2 * (G_ij A_ij^T A_ij  +  B_ij B_ij^T G_ij)      (GraLoRA)
 
      and the outlier's column can only leak into the other columns of ITS input slice (N/k columns,
      not N). Hybrid GraLoRA adds the LoRA formula for its plain-LoRA part.
 
 Tiny models trained for minutes do not grow such outliers, so this module can plant one, without changing
-the function the base model computes: multiply a LayerNorm's gain and bias on one channel by s and divide the
-matching input column of the Linear it feeds by s. The adapters then see an input channel s times larger, as
+the function the base model computes: multiply a LayerNorm's gain and bias on one channel by a factor (`scale`) and divide
+the matching input column of the Linear it feeds by it. The adapters then see an input channel `scale` times larger, as
 in a large LLM, while the base model's logits stay the same.
 
 What is here:
@@ -35,11 +35,13 @@ What is here:
   * a command line that runs the whole study:  python -m study.outliers --help
 
 Shapes: B batch, T tokens, N in_features, M out_features, r rank, k blocks per side, n = N/k, m = M/k,
-s = scaling (alpha / r) in formulas, rb = r/k the rank of one block in code.
+s = r/k the rank of one block (as in gralora.py). The LoRA factor alpha / r is `scaling`, and the planted
+outlier's factor is `scale` (written x10, x100 in tables and prose).
 """
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -54,13 +56,15 @@ import torch.nn as nn
 import gralora
 from gralora import AdapterLinear, GraLoRALinear, LoRALinear
 
+from tiny_gpt.data import CharTokenizer, make_corpus
 from tiny_gpt.model import GPT
-from tiny_gpt.train import _mean_std, positive_float
+from tiny_gpt.train import (TARGETS, _mean_std, adapter_spec, collate, encode_tasks, finetune, get_preset, pick_device,
+                            positive_float, pretrain, tasks_for)
 
 # The Linear layers adapters go on (DESIGN.md), named as in GPT-2, and the LayerNorm that feeds each of the
 # two that read a LayerNorm's output directly. Only those two can get a function-preserving planted outlier:
-# attn.c_proj reads the attention output and mlp.c_proj reads GELU(c_fc(x)), and GELU(s z) != s GELU(z).
-ADAPTED = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# attn.c_proj reads the attention output and mlp.c_proj reads GELU(c_fc(x)), and GELU(a z) != a GELU(z).
+ADAPTED = tuple(TARGETS)  # the core's list: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
 FED_BY = {"attn.c_attn": "ln_1", "mlp.c_fc": "ln_2"}
 
 
@@ -156,16 +160,16 @@ def plant_outlier(model, layer, channel, scale):
     changing what the model computes.
 
     A pre-LayerNorm block computes ln(x) = w * (x - mean) / std + b, then feeds it to one Linear. With
-    w[c], b[c] multiplied by s, channel c of ln(x) is s times larger; with column c of the Linear's weight
-    divided by s, the Linear's output is exactly what it was:
+    w[c], b[c] multiplied by `scale` = a, channel c of ln(x) is a times larger; with column c of the Linear's
+    weight divided by a, the Linear's output is exactly what it was:
 
-        W' ln'(x) = sum_{c' != c} W[:, c'] ln(x)_c'  +  (W[:, c] / s) (s ln(x)_c)  =  W ln(x)
+        W' ln'(x) = sum_{c' != c} W[:, c'] ln(x)_c'  +  (W[:, c] / a) (a ln(x)_c)  =  W ln(x)
 
     Args:
         model: a tiny_gpt GPT without adapters on `layer` (plant first, then add adapters).
         layer: module name, e.g. "transformer.h.1.mlp.c_fc" or "transformer.h.0.attn.c_attn".
         channel: input channel index, 0 <= channel < in_features.
-        scale: s > 0, finite. s = 1 changes nothing.
+        scale: a > 0, finite. 1 changes nothing.
     """
     names = dict(model.named_modules())
     if layer not in names:
@@ -221,8 +225,8 @@ def induced_update(layer, G, lr=1.0):
     """The change of layer.delta_weight() after one SGD step of size lr on the adapter's factors, to first
     order in lr, when the loss's gradient with respect to the layer's weight is G (FFT's gradient).
 
-    Why: with dW = s B A, the chain rule gives dL/dB = s G A^T and dL/dA = s B^T G, so the step changes dW by
-        s (B - lr s G A^T)(A - lr s B^T G) - s B A = -lr s^2 (G A^T A + B B^T G) + O(lr^2).
+    Why: with dW = c B A (c = scaling), the chain rule gives dL/dB = c G A^T and dL/dA = c B^T G, so the step
+    changes dW by  c (B - lr c G A^T)(A - lr c B^T G) - c B A = -lr c^2 (G A^T A + B B^T G) + O(lr^2).
     GraLoRA applies this per block (i, j) with G_ij, A_ij, B_ij, plus the LoRA formula for its hybrid part.
     FFT's own step is -lr G; compare the two with deviation().
 
@@ -239,11 +243,11 @@ def induced_update(layer, G, lr=1.0):
     elif isinstance(layer, GraLoRALinear):
         k = layer.k
         M, N = G.shape
-        A, B = layer.A.detach().to(dtype), layer.B.detach().to(dtype)  # (k, k, rb, n), (k, k, m, rb)
+        A, B = layer.A.detach().to(dtype), layer.B.detach().to(dtype)  # (k, k, s, n), (k, k, m, s)
         G_blocks = G.reshape(k, M // k, k, N // k).permute(0, 2, 1, 3)  # (k, k, m, n): G_blocks[i, j] = G_ij
-        GAt = torch.einsum("ijmn,ijrn->ijmr", G_blocks, A)  # (k, k, m, rb): G_ij A_ij^T
+        GAt = torch.einsum("ijmn,ijrn->ijmr", G_blocks, A)  # (k, k, m, s): G_ij A_ij^T
         GAtA = torch.einsum("ijmr,ijrn->ijmn", GAt, A)  # (k, k, m, n): G_ij A_ij^T A_ij
-        BtG = torch.einsum("ijmr,ijmn->ijrn", B, G_blocks)  # (k, k, rb, n): B_ij^T G_ij
+        BtG = torch.einsum("ijmr,ijmn->ijrn", B, G_blocks)  # (k, k, s, n): B_ij^T G_ij
         BBtG = torch.einsum("ijmr,ijrn->ijmn", B, BtG)  # (k, k, m, n): B_ij B_ij^T G_ij
         D = (GAtA + BBtG).permute(0, 2, 1, 3).reshape(M, N)  # (M, N): row block i, column block j
         if layer.hybrid_r > 0:
@@ -369,7 +373,6 @@ def gradient_study(base_state, gpt_cfg, batches, ranks, scales, seeds, channel=0
     averages the layers the outlier is planted in (every attn.c_attn and mlp.c_fc), and separately the
     others (attn.c_proj, mlp.c_proj: no outlier, a control).
     """
-    from .train import adapter_spec
 
     rows = []
     for scale in scales:
@@ -391,7 +394,7 @@ def gradient_study(base_state, gpt_cfg, batches, ranks, scales, seeds, channel=0
                                         "columns_swamped"):
                                 row[key] = statistics.fmean(x[key] for x in chosen)
                             rows.append(row)
-                        log(f"gradients s={scale} steps={steps} {method} r={r} k={k} seed={seed}: "
+                        log(f"gradients x{scale:g} steps={steps} {method} r={r} k={k} seed={seed}: "
                             f"deviation {rows[-2]['deviation']:.3f}, others {rows[-2]['deviation_others']:.3f}, "
                             f"swamped {rows[-2]['columns_swamped']:.2f} ({time.time() - start:.1f}s)")
     return rows
@@ -438,7 +441,7 @@ def plot_gradient_study(rows, path):
                     pts = sorted((e["r"], e[value], e[value + "_std"]) for e in summary
                                  if e["method"] == method and e["outlier_scale"] == scale)
                     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], ls=style,
-                                marker="o", ms=3, capsize=2, color=f"C{ci}", label=f"{method}, s={scale:g}")
+                                marker="o", ms=3, capsize=2, color=f"C{ci}", label=f"{method}, outlier x{scale:g}")
             ax.set_xscale("log", base=2)
             state = f"adapters after {steps} AdamW steps" if steps else "adapters at init (B = 0)"
             ax.set(xlabel="rank r", title=f"{title}\n{state}")
@@ -459,7 +462,6 @@ def completion_loss_se(model, examples, device, batch_size=64):
     """The per-character completion loss over `examples` (as train.completion_loss computes it) and its
     standard error over tasks: a ratio of sums, L = sum_i l_i / sum_i n_i, so by the delta method
     SE = sqrt(sum_i (l_i - L n_i)^2 * n / (n - 1)) / sum_i n_i, with l_i the summed loss of task i."""
-    from .train import collate
 
     model.eval()
     sums, counts = [], []
@@ -519,12 +521,17 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
+def pending_runs(runs, out_path):
+    """The runs of `runs` that `out_path` does not hold yet (all of them if the file does not exist)."""
+    rows = json.load(open(out_path)) if os.path.exists(out_path) else []
+    done = {(row["method"], row["rank_budget"], row["outlier_scale"], row["seed"]) for row in rows}
+    return [run for run in runs if run not in done]
+
+
 def finetune_study(base_state, preset, runs, out_path, channel=0, device="cpu", max_minutes=None, log=print):
     """Fine-tune every (method, rank, outlier_scale, seed) in `runs` and append one JSON row per run to
     `out_path` as soon as it finishes (rows already in the file are kept and not run again, so a stopped
     study resumes). Stops starting new runs once `max_minutes` have passed. Returns all rows."""
-    from .data import CharTokenizer
-    from .train import encode_tasks, finetune, tasks_for
 
     rows = json.load(open(out_path)) if os.path.exists(out_path) else []
     for row in rows:  # one file, one learning rate per method: resuming must not mix them
@@ -534,10 +541,9 @@ def finetune_study(base_state, preset, runs, out_path, channel=0, device="cpu", 
         if row["lr"] != preset.train.lr_for(row["method"]):
             raise ValueError(f"{out_path} holds a {row['method']} row trained with lr={row['lr']}, but this "
                              f"study runs lr={preset.train.lr_for(row['method'])}; choose another --out")
-    done = {(row["method"], row["rank_budget"], row["outlier_scale"], row["seed"]) for row in rows}
+    todo = pending_runs(runs, out_path)
     val_examples = encode_tasks(tasks_for(preset.train).val, CharTokenizer())
     states, start = {}, time.time()
-    todo = [run for run in runs if run not in done]
     log(f"{len(runs) - len(todo)} of {len(runs)} runs already in {out_path}; {len(todo)} to go")
     for i, (method, rank, scale, seed) in enumerate(todo):
         if max_minutes is not None and time.time() - start > 60 * max_minutes:
@@ -558,7 +564,7 @@ def finetune_study(base_state, preset, runs, out_path, channel=0, device="cpu", 
                    final_train_loss=result["curve"][-1][1] if result["curve"] else None)
         rows.append(row)
         _write_json(out_path, rows)
-        log(f"[{i + 1}/{len(todo)}] {method} rank={rank} s={scale:g} seed={seed}: val {val_loss:.4f} "
+        log(f"[{i + 1}/{len(todo)}] {method} rank={rank} outlier x{scale:g} seed={seed}: val {val_loss:.4f} "
             f"+- {val_loss_se:.4f}, pass@1 {p:.3f} +- {row['pass_at_1_se']:.3f} | train {result['seconds']:.0f}s, "
             f"total {time.time() - t0:.0f}s, elapsed {(time.time() - start) / 60:.1f} min")
     return rows
@@ -572,7 +578,7 @@ def finetune_table(rows):
     """The table of one study file (one learning rate per method): mean +- std over seeds, the standard error
     of that mean (std / sqrt(n)), and the mean within-run sampling error of the held-out sets; then GraLoRA -
     LoRA and Hybrid - GraLoRA paired by seed. lr_table compares files run at different learning rates."""
-    lines = [f"{'method':<9}{'rank':>5}{'k':>3}{'s':>6}{'n':>3}  {'val loss mean+-std (SE)':<28}"
+    lines = [f"{'method':<9}{'rank':>5}{'k':>3}{'outlier':>8}{'n':>3}  {'val loss mean+-std (SE)':<28}"
              f"{'pass@1 mean+-std (SE)':<26}{'held-out SE':<18}{'params':>8}{'sec':>6}"]
     summary = group_stats(rows, ("method", "rank_budget", "outlier_scale"),
                           ["val_loss", "pass_at_1", "val_loss_se", "pass_at_1_se", "seconds", "trainable_params"])
@@ -582,7 +588,7 @@ def finetune_table(rows):
     for e in summary:
         k = ks[(e["method"], e["rank_budget"])]
         lines.append(
-            f"{e['method']:<9}{e['rank_budget'] or '-':>5}{k or '-':>3}{e['outlier_scale']:>6g}{e['n']:>3}  "
+            f"{e['method']:<9}{e['rank_budget'] or '-':>5}{k or '-':>3}{'x%g' % e['outlier_scale']:>8}{e['n']:>3}  "
             f"{e['val_loss']:.4f}+-{e['val_loss_std']:.4f} ({e['val_loss_std'] / math.sqrt(e['n']):.4f})   "
             f"{e['pass_at_1']:.3f}+-{e['pass_at_1_std']:.3f} ({e['pass_at_1_std'] / math.sqrt(e['n']):.3f})   "
             f"{e['val_loss_se']:.4f} / {e['pass_at_1_se']:.3f}  {e['trainable_params']:>8.0f}{e['seconds']:>6.0f}")
@@ -591,7 +597,7 @@ def finetune_table(rows):
         if diffs:
             lines += ["", f"{method} - {baseline}, paired by seed (same batches, same base): mean +- SE over seeds"]
         for (lr, scale, rank), e in sorted(diffs.items()):
-            lines.append(f"  s={scale:<5g} rank={rank:<4} n={e['n']}: val loss {e['val_loss']:+.4f} +- "
+            lines.append(f"  x{scale:<5g} rank={rank:<4} n={e['n']}: val loss {e['val_loss']:+.4f} +- "
                          f"{e['val_loss_se']:.4f}   pass@1 {e['pass_at_1']:+.3f} +- {e['pass_at_1_se']:.3f}")
     return "\n".join(lines)
 
@@ -622,7 +628,7 @@ def lr_table(rows):
     large a step, it would shrink at the smaller learning rate."""
     keys = ("method", "lr", "outlier_scale", "rank_budget")
 
-    def runs(method):  # (lr, s, rank, seed) of every run of `method`
+    def runs(method):  # (lr, scale, rank, seed) of every run of `method`
         return {(row["lr"], row["outlier_scale"], row["rank_budget"], row["seed"]) for row in rows
                 if row["method"] == method}
 
@@ -630,13 +636,13 @@ def lr_table(rows):
     paired_rows = [row for row in rows if row["method"] in ("lora", "gralora")
                    and (row["lr"], row["outlier_scale"], row["rank_budget"], row["seed"]) in both]
     summary = {tuple(e[key] for key in keys): e for e in group_stats(paired_rows, keys, ["val_loss", "pass_at_1"])}
-    lines = [f"{'rank':>4}{'s':>6}{'lr':>8}  {'LoRA val loss':<17}{'GraLoRA val loss':<17}{'paired G-L':<18}"
+    lines = [f"{'rank':>4}{'outlier':>8}{'lr':>8}  {'LoRA val loss':<17}{'GraLoRA val loss':<17}{'paired G-L':<18}"
              f"{'LoRA pass@1':<15}{'GraLoRA pass@1':<15}{'paired G-L':<16}{'n':>2}"]
     diffs = paired_differences(rows)
     for lr, scale, rank in sorted(diffs, key=lambda key: (key[2], key[1], -key[0])):
         d = diffs[(lr, scale, rank)]
         lora, gra = summary[("lora", lr, scale, rank)], summary[("gralora", lr, scale, rank)]
-        lines.append(f"{rank:>4}{scale:>6g}{lr:>8g}  "
+        lines.append(f"{rank:>4}{'x%g' % scale:>8}{lr:>8g}  "
                      + "".join(f"{e['val_loss']:.4f}+-{e['val_loss_se']:.4f}  " for e in (lora, gra))
                      + f"{d['val_loss']:+.4f}+-{d['val_loss_se']:.4f}   "
                      + "".join(f"{e['pass_at_1']:.3f}+-{e['pass_at_1_se']:.3f}  " for e in (lora, gra))
@@ -655,14 +661,14 @@ def load_studies(paths):
                 raise ValueError(f"{path}: a {row['method']} row records no lr; add the rate it was trained with")
             key = tuple(row[name] for name in ("method", "lr", "outlier_scale", "rank_budget", "seed"))
             if key in seen:
-                raise ValueError(f"run {key} (method, lr, s, rank, seed) is in both {seen[key]} and {path}")
+                raise ValueError(f"run {key} (method, lr, outlier scale, rank, seed) is in both {seen[key]} and {path}")
             seen[key] = path
             rows.append(row)
     return rows
 
 
 def plot_lr_comparison(rows, path):
-    """Val loss and pass@1 against the outlier factor s, one column per rank that ran at more than one adapter
+    """Val loss and pass@1 against the planted outlier's factor, one column per rank that ran at more than one adapter
     learning rate, LoRA and GraLoRA at each rate (mean +- std over seeds)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -692,7 +698,7 @@ def plot_lr_comparison(rows, path):
             low, high = ax.get_ylim()
             if value == "val_loss" and high > 5 * max(low, 1e-3):  # diverged runs: a log axis keeps the rest visible
                 ax.set_yscale("log")
-            ax.set(xlabel="planted outlier factor s", ylabel=name if col == 0 else None,
+            ax.set(xlabel="planted outlier factor", ylabel=name if col == 0 else None,
                    title=f"rank {rank}" if row_i == 0 else None)
     axes[0][-1].legend(fontsize=7, handlelength=3.5)
     fig.suptitle("Does GraLoRA's edge under outliers survive a smaller learning rate? (mean +- std over seeds)",
@@ -727,7 +733,7 @@ def plot_finetune_study(rows, path):
                     ax.axhspan(e[value] - e[value + "_std"], e[value] + e[value + "_std"], color="k", alpha=0.08)
             ax.set_xscale("log", base=2)
             ax.set(xlabel="rank (LoRA-equivalent budget)", ylabel=name if col == 0 else None,
-                   title=f"planted outlier s = {scale:g}" if row_i == 0 else None)
+                   title=f"planted outlier x{scale:g}" if row_i == 0 else None)
             if row_i == 0 and col == 0:
                 ax.legend(fontsize=7)
     fig.suptitle("Fine-tuning the tiny GPT with a planted outlier channel (mean +- std over seeds)", fontsize=10)
@@ -750,10 +756,6 @@ def _floats(text):
 
 
 def main(argv=None):
-    import dataclasses
-
-    from .data import CharTokenizer, make_corpus
-    from .train import collate, encode_tasks, get_preset, pick_device, pretrain, tasks_for
 
     parser = argparse.ArgumentParser(
         prog="python -m study.outliers",
@@ -764,7 +766,7 @@ def main(argv=None):
                              "from finished study files; runs nothing)")
     parser.add_argument("--preset", default="cpu", help="model and training preset from tiny_gpt.train.PRESETS")
     parser.add_argument("--ranks", type=_ints, default=[4, 16, 64], help="LoRA-equivalent ranks, e.g. 4,16,64")
-    parser.add_argument("--scales", type=_floats, default=[1.0, 10.0, 100.0], help="planted outlier factors s")
+    parser.add_argument("--scales", type=_floats, default=[1.0, 10.0, 100.0], help="planted outlier factors, e.g. 1,10,100 (1 = none)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per configuration (0..seeds-1)")
     parser.add_argument("--channel", type=int, default=0, help="the input channel that gets the outlier")
     parser.add_argument("--methods", default="lora,gralora,fft,hybrid", help="fine-tuning methods to run")
@@ -803,10 +805,13 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown --parts {sorted(unknown)}; choose from measure, gradients, finetune, lr")
     stem = os.path.splitext(args.out)[0]
-    if parts == ["lr"]:  # reads finished study files only
-        base_state = None
-    else:
+    runs = study_grid(args.ranks, args.scales, list(range(args.seeds)), args.methods.split(","))
+    # Pretrain (or load the cached base) only when something will run: re-reading a finished study file
+    # redraws its table and figure without it.
+    if {"measure", "gradients"} & set(parts) or ("finetune" in parts and pending_runs(runs, args.out)):
         base_state, _ = pretrain(preset.gpt, preset.train, device)
+    else:
+        base_state = None
     tokenizer = CharTokenizer()
 
     if "measure" in parts:
@@ -837,17 +842,16 @@ def main(argv=None):
         _write_json(f"{stem}_gradients.json", rows)
         plot_gradient_study(rows, f"{stem}_gradients.png")
         keys = ("train_steps", "outlier_scale", "r", "method")
-        print(f"{'steps':>5}{'s':>6}{'r':>4} {'method':<8} deviation (all cols)  (other cols)    "
+        print(f"{'steps':>5}{'outlier':>8}{'r':>4} {'method':<8} deviation (all cols)  (other cols)    "
               f"swamped share    [planted layers, mean+-std over seeds]")
         for e in sorted(group_stats([r for r in rows if r["layers"] == "planted"], keys,
                                     ["deviation", "deviation_others", "columns_swamped"]),
                         key=lambda e: tuple(e[k] for k in keys)):
-            print(f"{e['train_steps']:>5}{e['outlier_scale']:>6g}{e['r']:>4} {e['method']:<8} "
+            print(f"{e['train_steps']:>5}{'x%g' % e['outlier_scale']:>8}{e['r']:>4} {e['method']:<8} "
                   f"{e['deviation']:.3f}+-{e['deviation_std']:.3f}      {e['deviation_others']:.3f}+-"
                   f"{e['deviation_others_std']:.3f}    {e['columns_swamped']:.3f}+-{e['columns_swamped_std']:.3f}")
 
     if "finetune" in parts:
-        runs = study_grid(args.ranks, args.scales, list(range(args.seeds)), args.methods.split(","))
         rows = finetune_study(base_state, preset, runs, args.out, args.channel, device, args.max_minutes)
         plot_finetune_study(rows, f"{stem}.png")
         print(finetune_table(rows))

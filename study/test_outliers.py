@@ -12,6 +12,8 @@ Small, seeded, CPU, a few seconds.
 """
 
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -19,7 +21,9 @@ import torch.nn as nn
 
 import gralora
 from study import outliers
+from tiny_gpt import train
 from tiny_gpt.model import GPT, GPTConfig
+from tiny_gpt.train import completion_loss
 
 CONFIG = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=16)
 
@@ -254,7 +258,6 @@ def test_planted_state_is_a_base_state_with_the_same_function():
 
 
 def test_completion_loss_se_matches_train():
-    from tiny_gpt.train import completion_loss
     model = tiny_gpt().float()
     examples = []
     for i in range(7):  # (x, y) pairs of different lengths, the first 3 targets masked like a prompt
@@ -302,9 +305,6 @@ def test_paired_differences_pair_by_seed_and_learning_rate():
 
 
 def test_finetune_study_records_lr_resumes_and_refuses_to_mix_rates(tmp_path):
-    import dataclasses
-    import json
-    from tiny_gpt import train
     preset = train.PRESETS["smoke"]
     preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, pretrain_steps=2, finetune_steps=2,
                                                                    n_train=20, n_val=4, n_test=3))
@@ -327,13 +327,11 @@ def test_finetune_study_records_lr_resumes_and_refuses_to_mix_rates(tmp_path):
 
 
 def test_lr_part_compares_files_without_pretraining(tmp_path, monkeypatch, capsys):
-    import json
-    from tiny_gpt import train
 
     def no_pretraining(*args, **kwargs):
         raise AssertionError("the lr part must not pretrain")
 
-    monkeypatch.setattr(train, "pretrain", no_pretraining)
+    monkeypatch.setattr(outliers, "pretrain", no_pretraining)
     for name, lr in (("a.json", 1e-2), ("b.json", 3e-3)):
         rows = [study_row(method, 16, s, seed, lr, 0.1 + 0.01 * seed + (s > 1) * (method == "lora") * lr, 0.03)
                 for method in ("lora", "gralora") for s in (1.0, 100.0) for seed in range(2)]
@@ -345,16 +343,15 @@ def test_lr_part_compares_files_without_pretraining(tmp_path, monkeypatch, capsy
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 + 4  # header, then rank 16 x two scales x two rates
     # at s=100 LoRA's val loss is higher by exactly its lr in these rows: the paired difference is -lr
-    assert any(line.split()[:3] == ["16", "100", "0.01"] and "-0.0100+-0.0000" in line for line in lines)
-    assert any(line.split()[:3] == ["16", "100", "0.003"] and "-0.0030+-0.0000" in line for line in lines)
-    assert any(line.split()[:5] == ["16", "1", "0.01", "0.1050+-0.0050", "0.1050+-0.0050"] for line in lines)
+    assert any(line.split()[:3] == ["16", "x100", "0.01"] and "-0.0100+-0.0000" in line for line in lines)
+    assert any(line.split()[:3] == ["16", "x100", "0.003"] and "-0.0030+-0.0000" in line for line in lines)
+    assert any(line.split()[:5] == ["16", "x1", "0.01", "0.1050+-0.0050", "0.1050+-0.0050"] for line in lines)
     with pytest.raises(SystemExit):
         outliers.main(["--parts", "lr,bogus", "--out", str(tmp_path / "a.json")])
     assert "bogus" in capsys.readouterr().err
 
 
 def test_load_studies_refuses_missing_lr_and_runs_counted_twice(tmp_path):
-    import json
     rows = [study_row("lora", 16, 1.0, seed, 1e-2, 0.1, 0.03) for seed in range(2)]
     (tmp_path / "a.json").write_text(json.dumps(rows))
     (tmp_path / "b.json").write_text(json.dumps(rows[1:]))
