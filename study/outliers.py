@@ -58,8 +58,8 @@ from gralora import AdapterLinear, GraLoRALinear, LoRALinear
 
 from tiny_gpt.data import CharTokenizer, make_corpus
 from tiny_gpt.model import GPT
-from tiny_gpt.train import (TARGETS, _mean_std, adapter_spec, collate, encode_tasks, finetune, get_preset, pick_device,
-                            positive_float, pretrain, tasks_for)
+from tiny_gpt.train import (METHOD_COLORS, TARGETS, _mean_std, adapter_spec, collate, encode_tasks, finetune, get_preset,
+                            pick_device, positive_float, pretrain, tasks_for, write_json)
 
 # The Linear layers adapters go on (DESIGN.md), named as in GPT-2, and the LayerNorm that feeds each of the
 # two that read a LayerNorm's output directly. Only those two can get a function-preserving planted outlier:
@@ -436,12 +436,13 @@ def plot_gradient_study(rows, path):
                               ("method", "outlier_scale", "r"), [p for p, _ in panels])
         for pi, (value, title) in enumerate(panels):
             ax = axes[si][pi]
-            for method, style in (("lora", "-"), ("gralora", "--")):
-                for ci, scale in enumerate(scales):
+            for method in ("lora", "gralora"):
+                for scale, style in zip(scales, itertools.cycle(("--", "-", ":"))):
                     pts = sorted((e["r"], e[value], e[value + "_std"]) for e in summary
                                  if e["method"] == method and e["outlier_scale"] == scale)
                     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], ls=style,
-                                marker="o", ms=3, capsize=2, color=f"C{ci}", label=f"{method}, outlier x{scale:g}")
+                                marker="o", ms=3, capsize=2, color=METHOD_COLORS[method],
+                                label=f"{method}, outlier x{scale:g}")
             ax.set_xscale("log", base=2)
             state = f"adapters after {steps} AdamW steps" if steps else "adapters at init (B = 0)"
             ax.set(xlabel="rank r", title=f"{title}\n{state}")
@@ -513,14 +514,6 @@ def study_grid(ranks, scales, seeds, methods=("lora", "gralora", "fft", "hybrid"
     return runs
 
 
-def _write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def pending_runs(runs, out_path):
     """The runs of `runs` that `out_path` does not hold yet (all of them if the file does not exist)."""
     rows = json.load(open(out_path)) if os.path.exists(out_path) else []
@@ -563,9 +556,9 @@ def finetune_study(base_state, preset, runs, out_path, channel=0, device="cpu", 
                    seconds=result["seconds"], rank_budget=rank, n_val=len(val_examples), n_test=n_test,
                    final_train_loss=result["curve"][-1][1] if result["curve"] else None)
         rows.append(row)
-        _write_json(out_path, rows)
+        write_json(out_path, rows)
         log(f"[{i + 1}/{len(todo)}] {method} rank={rank} outlier x{scale:g} seed={seed}: val {val_loss:.4f} "
-            f"+- {val_loss_se:.4f}, pass@1 {p:.3f} +- {row['pass_at_1_se']:.3f} | train {result['seconds']:.0f}s, "
+            f"+- {val_loss_se:.4f}, pass@1 {100 * p:.1f} +- {100 * row['pass_at_1_se']:.1f} % | train {result['seconds']:.0f}s, "
             f"total {time.time() - t0:.0f}s, elapsed {(time.time() - start) / 60:.1f} min")
     return rows
 
@@ -590,15 +583,15 @@ def finetune_table(rows):
         lines.append(
             f"{e['method']:<9}{e['rank_budget'] or '-':>5}{k or '-':>3}{'x%g' % e['outlier_scale']:>8}{e['n']:>3}  "
             f"{e['val_loss']:.4f}+-{e['val_loss_std']:.4f} ({e['val_loss_std'] / math.sqrt(e['n']):.4f})   "
-            f"{e['pass_at_1']:.3f}+-{e['pass_at_1_std']:.3f} ({e['pass_at_1_std'] / math.sqrt(e['n']):.3f})   "
-            f"{e['val_loss_se']:.4f} / {e['pass_at_1_se']:.3f}  {e['trainable_params']:>8.0f}{e['seconds']:>6.0f}")
+            f"{100 * e['pass_at_1']:5.1f}+-{100 * e['pass_at_1_std']:.1f} ({100 * e['pass_at_1_std'] / math.sqrt(e['n']):.1f})"
+            f"      {e['val_loss_se']:.4f} / {100 * e['pass_at_1_se']:.1f}    {e['trainable_params']:>8.0f}{e['seconds']:>6.0f}")
     for method, baseline in (("gralora", "lora"), ("hybrid", "gralora")):
         diffs = paired_differences(rows, method, baseline)
         if diffs:
             lines += ["", f"{method} - {baseline}, paired by seed (same batches, same base): mean +- SE over seeds"]
         for (lr, scale, rank), e in sorted(diffs.items()):
             lines.append(f"  x{scale:<5g} rank={rank:<4} n={e['n']}: val loss {e['val_loss']:+.4f} +- "
-                         f"{e['val_loss_se']:.4f}   pass@1 {e['pass_at_1']:+.3f} +- {e['pass_at_1_se']:.3f}")
+                         f"{e['val_loss_se']:.4f}   pass@1 {100 * e['pass_at_1']:+.1f} +- {100 * e['pass_at_1_se']:.1f} points")
     return "\n".join(lines)
 
 
@@ -645,8 +638,8 @@ def lr_table(rows):
         lines.append(f"{rank:>4}{'x%g' % scale:>8}{lr:>8g}  "
                      + "".join(f"{e['val_loss']:.4f}+-{e['val_loss_se']:.4f}  " for e in (lora, gra))
                      + f"{d['val_loss']:+.4f}+-{d['val_loss_se']:.4f}   "
-                     + "".join(f"{e['pass_at_1']:.3f}+-{e['pass_at_1_se']:.3f}  " for e in (lora, gra))
-                     + f"{d['pass_at_1']:+.3f}+-{d['pass_at_1_se']:.3f}  {d['n']:>2}")
+                     + "".join(f"{100 * e['pass_at_1']:5.1f}+-{100 * e['pass_at_1_se']:.1f}  " for e in (lora, gra))
+                     + f"  {100 * d['pass_at_1']:+.1f}+-{100 * d['pass_at_1_se']:.1f}  {d['n']:>2}")
     return "\n".join(lines)
 
 
@@ -685,11 +678,12 @@ def plot_lr_comparison(rows, path):
         raise ValueError(f"no rank ran at more than one learning rate (rates found: {lrs})")
     fig, axes = plt.subplots(2, len(ranks), figsize=(4.6 * len(ranks), 6.4), squeeze=False)
     for col, rank in enumerate(ranks):
-        for row_i, (value, name) in enumerate((("val_loss", "val loss"), ("pass_at_1", "pass@1 (held-out)"))):
-            ax = axes[row_i][col]
-            for method, color in (("lora", "C0"), ("gralora", "C3")):
+        for row_i, (value, name) in enumerate((("val_loss", "val loss"), ("pass_at_1", "pass@1 % (held-out)"))):
+            ax, unit = axes[row_i][col], 100 if value == "pass_at_1" else 1
+            for method in ("lora", "gralora"):
+                color = METHOD_COLORS[method]
                 for lr, style in zip(lrs, itertools.cycle(("-", "--", ":", "-."))):
-                    pts = sorted((e["outlier_scale"], e[value], e[value + "_std"]) for e in summary
+                    pts = sorted((e["outlier_scale"], unit * e[value], unit * e[value + "_std"]) for e in summary
                                  if (e["method"], e["lr"], e["rank_budget"]) == (method, lr, rank))
                     if pts:
                         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
@@ -717,21 +711,23 @@ def plot_finetune_study(rows, path):
     scales = sorted({row["outlier_scale"] for row in rows})
     summary = group_stats(rows, ("method", "rank_budget", "outlier_scale"), ["val_loss", "pass_at_1"])
     fig, axes = plt.subplots(2, len(scales), figsize=(4.2 * len(scales), 6.4), squeeze=False, sharey="row")
-    colors = {"fft": "k", "lora": "C0", "gralora": "C3", "hybrid": "C2"}
     for col, scale in enumerate(scales):
-        for row_i, (value, name) in enumerate((("val_loss", "val loss"), ("pass_at_1", "pass@1 (held-out)"))):
-            ax = axes[row_i][col]
+        for row_i, (value, name) in enumerate((("val_loss", "val loss"), ("pass_at_1", "pass@1 % (held-out)"))):
+            ax, unit = axes[row_i][col], 100 if value == "pass_at_1" else 1
             for method in ("lora", "gralora", "hybrid"):
-                pts = sorted((e["rank_budget"], e[value], e[value + "_std"], e["n"]) for e in summary
+                pts = sorted((e["rank_budget"], unit * e[value], unit * e[value + "_std"], e["n"]) for e in summary
                              if e["method"] == method and e["outlier_scale"] == scale)
                 if pts:
                     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                                ms=4, capsize=3, color=colors[method], label=f"{method} (n={pts[0][3]})")
+                                ms=4, capsize=3, color=METHOD_COLORS[method], label=f"{method} (n={pts[0][3]})")
             for e in summary:
                 if e["method"] == "fft" and e["outlier_scale"] == scale:
-                    ax.axhline(e[value], color="k", ls=":", label=f"fft (n={e['n']})")
-                    ax.axhspan(e[value] - e[value + "_std"], e[value] + e[value + "_std"], color="k", alpha=0.08)
+                    mean, std = unit * e[value], unit * e[value + "_std"]
+                    ax.axhline(mean, color=METHOD_COLORS["fft"], ls=":", label=f"fft (n={e['n']})")
+                    ax.axhspan(mean - std, mean + std, color=METHOD_COLORS["fft"], alpha=0.08)
             ax.set_xscale("log", base=2)
+            if value == "val_loss" and max(e["val_loss"] for e in summary) > 5 * min(e["val_loss"] for e in summary):
+                ax.set_yscale("log")  # diverged runs: a log axis keeps the others apart
             ax.set(xlabel="rank (LoRA-equivalent budget)", ylabel=name if col == 0 else None,
                    title=f"planted outlier x{scale:g}" if row_i == 0 else None)
             if row_i == 0 and col == 0:
@@ -825,7 +821,7 @@ def main(argv=None):
         after = channel_rms(model, idx)
         out = {"scale": max(args.scales), "channel": args.channel,
                "base": rms_summary(before), "planted": rms_summary(after)}
-        _write_json(f"{stem}_rms.json", out)
+        write_json(f"{stem}_rms.json", out)
         layer = plantable_layers(model)[-1]
         plot_channel_rms(before, after, layer, f"{stem}_rms.png")
         print(f"{'layer':<30}{'max/median base':>16}{'planted':>10}")
@@ -839,7 +835,7 @@ def main(argv=None):
         rows = gradient_study(base_state, preset.gpt, batches, args.grad_ranks, args.grad_scales,
                               list(range(args.grad_seeds)), args.channel, tuple(args.grad_steps),
                               lr=preset.train.lr_adapter)
-        _write_json(f"{stem}_gradients.json", rows)
+        write_json(f"{stem}_gradients.json", rows)
         plot_gradient_study(rows, f"{stem}_gradients.png")
         keys = ("train_steps", "outlier_scale", "r", "method")
         print(f"{'steps':>5}{'outlier':>8}{'r':>4} {'method':<8} deviation (all cols)  (other cols)    "
