@@ -9,7 +9,7 @@ written to be read. It imports only torch.
 Shape vocabulary, used in every comment below:
     T  tokens (all leading dims of the input, flattened)   N  in_features    M  out_features
     r  adapter rank                                        k  blocks per side (GraLoRA)
-    s = r // k  rank of one block                          n = N // k, m = M // k: block sizes
+    s = r / k  rank of one block (s means nothing else)    n = N / k, m = M / k: block sizes
 
 LoRA (Hu et al., Eq. 3) freezes the base weight W0 (M, N) and learns a low-rank update
 
@@ -28,6 +28,11 @@ y_i (m each), and gives every block (i, j) of dW its own small LoRA of rank s = 
                  +-------------+-------------+-------------+      (picture: k = 3)
 
     y_i = W0_i x + scaling * sum_j B_ij (A_ij x_j)                       (paper Eq. 6)
+
+Why (paper Sec. 3): LoRA's gradient dL/dB = (dL/dy) x^T A^T sums over every input channel, so one
+outlier input channel c (common in LLM activations) inflates the update of all of B, hence of every
+output; in full fine-tuning, dL/dW = (dL/dy) x^T, it inflates only column c. In GraLoRA dL/dB_ij and
+dL/dA_ij see only x_j, so only the k blocks (i, j) whose slice j holds c see the outlier.
 
 Costs, per layer, with T tokens (paper Sec. 4.2 and App. C):
   * parameters: k^2 * s * (n + m) = r * (N + M), the same as LoRA whatever k;
@@ -56,18 +61,37 @@ def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _is_conv1d(module):
+    """Hugging Face's Conv1D (GPT-2's c_attn, c_proj, c_fc), recognised without importing transformers:
+    y = x @ weight + bias with weight stored transposed, (N, M), and nf = M."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1])
+
+
 def _check_args(base, r, dropout):
-    """Shared argument checks; errors name the offending values (never fail later in a reshape)."""
-    if not isinstance(base, nn.Linear):
-        raise ValueError(f"base must be an nn.Linear, got {type(base).__name__}")
+    """Shared argument checks; errors name the offending values (never fail later in a reshape).
+    Returns (N, M) of the base layer."""
+    if isinstance(base, nn.Linear):
+        N, M = base.in_features, base.out_features
+    elif _is_conv1d(base):
+        N, M = base.weight.shape
+    else:
+        raise ValueError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
     if not _is_int(r) or r <= 0:
         raise ValueError(f"r must be a positive integer, got r={r!r}")
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a probability in [0, 1), got dropout={dropout!r}")
+    return N, M
+
+
+def _upcast(t):
+    """Half-precision factors are multiplied in float32; float32/64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class AdapterLinear(nn.Module):
-    """What LoRALinear and GraLoRALinear share: a frozen `base` Linear plus an update path.
+    """What LoRALinear and GraLoRALinear share: a frozen `base` (nn.Linear or Conv1D) plus an update path.
 
     Subclasses define adapter(x) (the update's output, scaling included) and delta_weight()
     (the same update as an (M, N) matrix). Merging is explicit: train()/eval() never merge.
@@ -80,11 +104,32 @@ class AdapterLinear(nn.Module):
         x = F.dropout(x, self.dropout, self.training)  # on the adapter path only
         return y + self.adapter(x.to(self.A.dtype)).to(y.dtype)
 
+    def _delta_as_base(self):
+        """dW in the base weight's dtype and layout: (M, N) for nn.Linear, (N, M) for Conv1D."""
+        dW = self.delta_weight().to(self.base.weight.dtype)  # (M, N)
+        return dW if isinstance(self.base, nn.Linear) else dW.t()
+
+    @property
+    def weight(self):
+        """The base weight with dW folded in, for code that reads .weight instead of calling the module
+        (nn.MultiheadAttention reads out_proj.weight; nn.TransformerEncoderLayer's inference fast path
+        reads linear1/linear2.weight). Gradients reach A and B through it; adapter dropout cannot apply."""
+        if self.merged:
+            return self.base.weight
+        if self.training and self.dropout > 0:  # not AttributeError: nn.Module would hide the message
+            raise RuntimeError(f"this {type(self).__name__}'s weight is read directly, bypassing forward(), "
+                               f"so its dropout={self.dropout} cannot be applied; adapt it with dropout=0")
+        return self.base.weight + self._delta_as_base()
+
+    @property
+    def bias(self):
+        return self.base.bias
+
     @torch.no_grad()
     def merge(self):
         """Fold dW into base.weight, so inference costs one plain Linear. Idempotent."""
         if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight += self._delta_as_base()
             self.merged = True
 
     @torch.no_grad()
@@ -92,7 +137,7 @@ class AdapterLinear(nn.Module):
         """Take dW back out of base.weight. Exact up to float rounding in float32/64; in bf16/fp16
         the merged weight was rounded to 8 or 11 bits, so W0 comes back only to that precision."""
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight -= self._delta_as_base()
             self.merged = False
 
 
@@ -100,7 +145,8 @@ class LoRALinear(AdapterLinear):
     """y = base(x) + scaling * B (A dropout(x)).  A: (r, N), B: (M, r), scaling = alpha / r.
 
     Args:
-        base: the frozen nn.Linear being adapted (its parameters get requires_grad=False).
+        base: the frozen nn.Linear (or transformers Conv1D) being adapted; its parameters get
+            requires_grad=False.
         r: adapter rank.
         alpha: scaling numerator; default 2 * r, as in the GraLoRA paper's experiments.
         dropout: dropout probability on the adapter's input, applied only in training.
@@ -108,14 +154,13 @@ class LoRALinear(AdapterLinear):
 
     def __init__(self, base, r, alpha=None, dropout=0.0):
         super().__init__()
-        _check_args(base, r, dropout)
+        N, M = _check_args(base, r, dropout)
         self.base = base.requires_grad_(False)
-        self.r = r
+        self.in_features, self.out_features, self.r = N, M, r
         self.alpha = 2 * r if alpha is None else alpha
         self.scaling = self.alpha / r
         self.dropout = dropout
         self.merged = False
-        N, M = base.in_features, base.out_features
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.A = nn.Parameter(torch.empty(r, N, **factory))  # (r, N)
         self.B = nn.Parameter(torch.zeros(M, r, **factory))  # (M, r): zero, so dW = 0 at start
@@ -137,7 +182,7 @@ class LoRALinear(AdapterLinear):
 
 
 class GraLoRALinear(AdapterLinear):
-    """GraLoRA: a k x k grid of rank-(r/k) LoRAs over the blocks of W0, plus an optional plain
+    """GraLoRA: a k x k grid of rank-s LoRAs (s = r/k) over the blocks of W0, plus an optional plain
     LoRA of rank hybrid_r beside them (Hybrid GraLoRA, paper Sec. 4.3).
 
     Parameters (indexed [i, j] = [output block, input block]):
@@ -147,19 +192,24 @@ class GraLoRALinear(AdapterLinear):
     so block (i, j) of delta_weight() is scaling * B[i, j] @ A[i, j].
 
     Args:
-        base: the frozen nn.Linear being adapted.
+        base: the frozen nn.Linear (or transformers Conv1D) being adapted.
         r: GraLoRA rank (the rank a LoRA of equal parameter count would have); k must divide it.
         k: blocks per side. The paper uses k = 2 at r = 16, 32 and k = 4 at r = 64, 128.
         alpha: scaling numerator; default 2 * (r + hybrid_r). scaling = alpha / (r + hybrid_r),
             as in Hugging Face PEFT's GraLoRA, so checkpoints carry over between the two.
         dropout: dropout probability on the adapter's input, applied only in training.
-        hybrid_r: rank of the extra plain-LoRA part (0 = pure GraLoRA).
+        hybrid_r: rank of the extra plain-LoRA part (0 = pure GraLoRA). It comes ON TOP of r, as in
+            PEFT: trainable parameters are (r + hybrid_r) * (N + M). The paper's own training scripts
+            instead pass the total rank as r and subtract hybrid_r from it, so copying their r into
+            this layer gives more parameters than intended: use r = their r - hybrid_r.
+
+    To use this layer alone, copy _is_int, _is_conv1d, _check_args, _upcast, AdapterLinear and
+    this class (everything above it but LoRALinear).
     """
 
     def __init__(self, base, r, k=2, alpha=None, dropout=0.0, hybrid_r=0):
         super().__init__()
-        _check_args(base, r, dropout)
-        N, M = base.in_features, base.out_features
+        N, M = _check_args(base, r, dropout)
         if not _is_int(k) or k <= 0:
             raise ValueError(f"k must be a positive integer, got k={k!r}")
         if not _is_int(hybrid_r) or hybrid_r < 0:
@@ -168,6 +218,7 @@ class GraLoRALinear(AdapterLinear):
             if size % k:
                 raise ValueError(f"{what}={size} is not divisible by k={k}")
         self.base = base.requires_grad_(False)
+        self.in_features, self.out_features = N, M
         self.r, self.k, self.hybrid_r = r, k, hybrid_r
         self.alpha = 2 * (r + hybrid_r) if alpha is None else alpha
         self.scaling = self.alpha / (r + hybrid_r)
@@ -186,42 +237,16 @@ class GraLoRALinear(AdapterLinear):
             nn.init.kaiming_uniform_(self.hybrid_A, a=math.sqrt(5))
 
     def adapter(self, x):
-        """The update path alone: scaling * (sum_j B_ij A_ij x_j  +  hybrid_B hybrid_A x).
-
-        Two batched matmuls (plus one for the hybrid part) with exactly LoRA's FLOPs, laid out for
-        speed: x is read in place (a strided view, not a copy), and scaling is folded into the small
-        B factors instead of multiplying the (T, M) output.
-        """
-        k, r, h = self.k, self.r, self.hybrid_r
-        s, n, m = r // k, self.base.in_features // k, self.base.out_features // k
-        x2d = x.reshape(-1, k * n)  # (T, N)
-        T = x2d.shape[0]
-        x_blocks = x2d.view(T, k, n).transpose(0, 1)  # (k, T, n): x_blocks[j] = x_j, a view
-        # Step 1, down-projection, batched over input blocks j: slice x_j feeds the k adapters
-        # A_0j .. A_(k-1)j, so one matmul per j with those k adapters side by side.
-        A_by_input = self.A.permute(1, 3, 0, 2).reshape(k, n, r)  # (k, n, r): [j] = [A_0j^T .. A_k-1,j^T]
-        if h == 0:
-            latent = x_blocks @ A_by_input  # (k, T, r)
-        else:  # Hybrid: hybrid_A x = sum_j hybrid_A[:, slice j] x_j, so it rides along
-            hybrid_A_by_input = self.hybrid_A.view(h, k, n).permute(1, 2, 0)  # (k, n, h)
-            A_by_input = torch.cat([A_by_input, hybrid_A_by_input], dim=-1)  # (k, n, r + h)
-            latent, hybrid_parts = (x_blocks @ A_by_input).split([r, h], dim=-1)  # (k, T, r), (k, T, h)
-        # latent[j, :, i*s:(i+1)*s] = A_ij x_j: the k x larger latent, k*k blocks of s = r/k
-        # values, k*r per token (LoRA: r). Regroup it by output block for step 2 (a copy of
-        # T*k*r values, a fraction of x's T*N).
-        latent = latent.view(k, T, k, s)  # (k_in j, T, k_out i, s): [j, :, i] = A_ij x_j
-        latent = latent.permute(2, 1, 0, 3)  # (k_out i, T, k_in j, s)
-        latent = latent.reshape(k, T, r)  # (k, T, r): [i] = [A_i0 x_0 .. A_i(k-1) x_(k-1)]
-        # Step 2, up-projection, batched over output blocks i: y_i = sum_j B_ij latent_ij is one
-        # matmul per i with B_i0 .. B_i(k-1) stacked along the rank.
-        B_by_output = (self.scaling * self.B).transpose(2, 3).reshape(k, r, m)  # (k, r, m)
-        y_blocks = latent @ B_by_output  # (k, T, m): y_blocks[i] = scaling * y_i
-        y = y_blocks.transpose(0, 1)  # (T, k, m), a view: y[:, i] is output slice i
-        if h > 0:
-            hybrid_latent = hybrid_parts.sum(0)  # (T, h): hybrid_A x
-            hybrid = hybrid_latent @ (self.scaling * self.hybrid_B).t()  # (T, M)
-            y = hybrid.view(T, k, m) + y  # (T, k, m), laid out like hybrid: the add also reorders
-        return y.reshape(*x.shape[:-1], k * m)  # (..., M): slices side by side (without hybrid, a copy)
+        """The update path alone, for x of shape (..., N): paper Eq. 6 as two einsums, then the hybrid
+        LoRA. Scaling is folded into the small B factors rather than multiplying the (..., M) output."""
+        k, _, s, n = self.A.shape
+        x_blocks = x.unflatten(-1, (k, n))  # (..., k, n): x_blocks[..., j, :] = x_j
+        latent = torch.einsum("...jn,ijsn->...ijs", x_blocks, self.A)  # (..., k, k, s): [.., i, j, :] = A_ij x_j
+        y_blocks = torch.einsum("...ijs,ijms->...im", latent, self.scaling * self.B)  # (..., k, m): [.., i, :] = y_i
+        if self.hybrid_r > 0:  # a plain LoRA on the whole x, its output cut into the same k slices
+            hybrid = (x @ self.hybrid_A.t()) @ (self.scaling * self.hybrid_B).t()  # (..., M)
+            y_blocks = hybrid.unflatten(-1, (k, -1)) + y_blocks  # (..., k, m), laid out like hybrid
+        return y_blocks.flatten(-2)  # (..., M): output slices side by side
 
     def delta_weight(self):
         """dW, shape (M, N), computed in float32 (or float64): block (i, j) = scaling * B_ij A_ij."""
@@ -239,11 +264,6 @@ class GraLoRALinear(AdapterLinear):
                 f"dropout={self.dropout}, merged={self.merged}")
 
 
-def _upcast(t):
-    """Half-precision factors are multiplied in float32; float32/64 stay as they are."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 # -----------------------------------------------------------------------------
 # Model-level helpers: wrap, freeze, count, save/load, merge
 
@@ -255,26 +275,41 @@ def _matches(name, patterns):
                or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
 
 
-def add_adapters(model, targets, method="gralora", r=8, k=2, alpha=None, dropout=0.0, hybrid_r=0):
-    """Replace, in place, each nn.Linear whose module name matches a pattern in `targets` with a
-    LoRALinear (method="lora") or GraLoRALinear (method="gralora"; Hybrid when hybrid_r > 0),
-    then freeze every other parameter. Returns the names of the wrapped modules.
+def add_adapters(model, targets, method="gralora", r=8, k=None, alpha=None, dropout=0.0, hybrid_r=0):
+    """Replace, in place, each nn.Linear (or transformers Conv1D, as in GPT-2) whose module name matches
+    a pattern in `targets` with a LoRALinear (method="lora") or GraLoRALinear (method="gralora", k=2 by
+    default; Hybrid when hybrid_r > 0), then freeze every other parameter. Returns the wrapped names.
 
     A name matches a pattern if it equals it, ends with "." + pattern, or fnmatch-matches it:
     targets=["c_attn", "mlp.*"] wraps "h.0.attn.c_attn" and "h.0.mlp.c_fc".
     """
     if isinstance(targets, str):
         targets = [targets]
+    if not isinstance(targets, (list, tuple, set)) or not targets or not all(isinstance(p, str) and p for p in targets):
+        raise ValueError(f"targets must be a module-name pattern or a non-empty list of them, got targets={targets!r}")
     if method not in ("lora", "gralora"):
         raise ValueError(f"method must be 'lora' or 'gralora', got method={method!r}")
-    inside_adapters = {f"{name}.base" for name, mod in model.named_modules() if isinstance(mod, AdapterLinear)}
-    chosen = [name for name, mod in model.named_modules()
-              if isinstance(mod, nn.Linear) and name not in inside_adapters and _matches(name, targets)]
+    if method == "lora" and hybrid_r != 0:
+        raise ValueError(f"hybrid_r={hybrid_r!r} is a GraLoRA option; method='lora' would ignore it")
+    if method == "lora" and k not in (None, 1):
+        raise ValueError(f"k={k!r} is a GraLoRA option; method='lora' would ignore it (LoRA is k=1)")
+    k = 2 if k is None else k
+    adapters = {name for name, mod in model.named_modules() if isinstance(mod, AdapterLinear)}
+    inside = {f"{name}.base": name for name in adapters}
+    matched = [(name, mod) for name, mod in model.named_modules() if name and _matches(name, targets)]
+    again = sorted({inside.get(name, name) for name, _ in matched if name in adapters or name in inside})
+    if again:
+        raise ValueError(f"targets={list(targets)} match layers that already hold an adapter: {again}; "
+                         "a layer takes one adapter, so leave these out of targets")
+    chosen = [name for name, mod in matched if isinstance(mod, nn.Linear) or _is_conv1d(mod)]
     if not chosen:
-        linears = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-        raise ValueError(f"no nn.Linear matches targets={list(targets)}; the model's Linear modules are {linears}")
-    # A weight shared with another module (a tied LM head) must not be adapted: merging would
-    # silently change the module it is tied to as well.
+        others = [f"{name} ({type(mod).__name__})" for name, mod in matched]
+        linears = [n for n, mod in model.named_modules() if (isinstance(mod, nn.Linear) or _is_conv1d(mod))
+                   and n not in inside]
+        raise ValueError(f"no nn.Linear or Conv1D matches targets={list(targets)}"
+                         + (f"; these match but cannot be adapted: {others}" if others else "")
+                         + f"; the model's Linear/Conv1D modules are {linears}")
+    # A weight tied to another module (an LM head) must not be adapted: merging would change that one too.
     owners = {}
     for name, mod in model.named_modules():
         for p in mod.parameters(recurse=False):

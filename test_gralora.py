@@ -7,6 +7,7 @@ FLOPs are measured with torch.utils.flop_counter, the latent with autograd's sav
 Everything is small, seeded and runs on the CPU in a few seconds.
 """
 
+import copy
 import math
 
 import pytest
@@ -380,7 +381,8 @@ def test_load_mismatch_errors():
 
 def test_helpers_error_clearly():
     model = tiny_model()
-    with pytest.raises(ValueError, match=r"no nn.Linear matches targets=\['q_proj'\].*attn.c_attn"):
+    with pytest.raises(ValueError, match=r"no nn.Linear or Conv1D matches targets=\['q_proj'\]; "
+                                         r"the model's Linear/Conv1D modules are \['attn.c_attn',"):
         gralora.add_adapters(model, ["q_proj"])
     with pytest.raises(ValueError, match="method must be 'lora' or 'gralora', got method='dora'"):
         gralora.add_adapters(model, ["c_fc"], method="dora")
@@ -397,10 +399,36 @@ def test_helpers_error_clearly():
     with pytest.raises(ValueError, match=r"cannot adapt b: in_features=6 is not divisible by k=4"):
         gralora.add_adapters(odd, ["a", "b"], r=4, k=4)
     assert type(odd["a"]) is nn.Linear and all(p.requires_grad for p in odd.parameters())
-    # a second call never wraps the frozen base inside an adapter
+    # a module that matches but is not a Linear is named, with its type
+    conv = nn.ModuleDict({"c_attn": nn.Conv2d(4, 4, 1), "lm_head": nn.Linear(4, 4)})
+    with pytest.raises(ValueError, match=r"these match but cannot be adapted: \['c_attn \(Conv2d\)'\]"):
+        gralora.add_adapters(conv, ["c_attn"])
+
+
+def test_wrapping_twice_is_refused():
+    """A second call that reaches an adapted layer (or the frozen base inside it) names the layer."""
+    model = tiny_model()
     gralora.add_adapters(model, ["c_fc"], r=4)
-    with pytest.raises(ValueError, match="no nn.Linear matches"):
-        gralora.add_adapters(model, ["*base"], r=4)
+    for targets in (["c_fc"], ["*base"], ["mlp.*"]):
+        with pytest.raises(ValueError, match=r"already hold an adapter: \['mlp.c_fc'\]"):
+            gralora.add_adapters(model, targets, r=4)
+    assert type(model["mlp"]["c_proj"]) is nn.Linear  # nothing was wrapped by the refused calls
+    assert gralora.add_adapters(model, ["attn.*"], r=4) == ["attn.c_attn", "attn.c_proj"]  # other layers: fine
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(targets=None), r"targets must be a module-name pattern or a non-empty list of them, got targets=None"),
+    (dict(targets=[]), r"got targets=\[\]"),
+    (dict(targets=["c_fc", 3]), r"got targets=\['c_fc', 3\]"),
+    (dict(method="lora", hybrid_r=4), r"hybrid_r=4 is a GraLoRA option; method='lora' would ignore it"),
+    (dict(method="lora", k=4), r"k=4 is a GraLoRA option; method='lora' would ignore it"),
+])
+def test_add_adapters_bad_arguments(kwargs, message):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        gralora.add_adapters(model, **{"targets": ["c_fc"], **kwargs})
+    assert not gralora.adapter_layers(model)
+    assert gralora.add_adapters(tiny_model(), ["c_fc"], method="lora", k=1, r=4) == ["mlp.c_fc"]  # k=1 is LoRA
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -424,9 +452,9 @@ def test_bad_arguments(kwargs, message):
 
 
 def test_non_linear_base():
-    with pytest.raises(ValueError, match="base must be an nn.Linear, got Conv1d"):
+    with pytest.raises(ValueError, match="base must be an nn.Linear or a transformers Conv1D, got Conv1d"):
         GraLoRALinear(nn.Conv1d(4, 4, 1), r=2)
-    with pytest.raises(ValueError, match="base must be an nn.Linear, got Conv1d"):
+    with pytest.raises(ValueError, match="base must be an nn.Linear or a transformers Conv1D, got Conv1d"):
         LoRALinear(nn.Conv1d(4, 4, 1), r=2)
     with pytest.raises(ValueError, match="r must be a positive integer, got r=0"):
         LoRALinear(nn.Linear(4, 4), r=0)
@@ -486,3 +514,167 @@ def test_same_outputs_as_peft(k, hybrid_r):
         state["gralora_B_general.weight"] = peft_layer.gralora_B_general["default"].weight
     gralora.load_peft_gralora(back, state)
     torch.testing.assert_close(back(x), ours(x), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- modules that read .weight: nn.TransformerEncoder
+
+
+def encoder(seed=0):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).double()
+
+
+def with_weights(model, reference, x):
+    """Oracle: the unwrapped `reference` run with every adapted weight replaced by W0 + dW (in Linear layout
+    (M, N), or (N, M) for a Conv1D), through torch.func.functional_call; differentiable in A and B."""
+    weights = {}
+    for name, layer in gralora.adapter_layers(model):
+        dW = layer.delta_weight()  # (M, N)
+        weights[f"{name}.weight"] = layer.base.weight + (dW if isinstance(layer.base, nn.Linear) else dW.T)
+    return torch.func.functional_call(reference, weights, (x,))
+
+
+@pytest.mark.parametrize("targets", [["linear1", "linear2"], ["out_proj"], ["linear1", "linear2", "out_proj"]])
+@pytest.mark.parametrize("method,kw", [("lora", {}), ("gralora", {"k": 2}), ("gralora", {"k": 4, "hybrid_r": 4})])
+def test_transformer_encoder(targets, method, kw, monkeypatch):
+    """nn.MultiheadAttention reads out_proj.weight, and the encoder layer's inference fast path reads
+    linear1/linear2.weight, without calling the modules: both see W0 + dW, and gradients reach A and B."""
+    fast_path, fused = [], torch._transformer_encoder_layer_fwd
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", lambda *a: fast_path.append(1) or fused(*a))
+    reference, model = encoder(), encoder()
+    gralora.add_adapters(model, targets, method=method, r=8, **kw)
+    with torch.no_grad():
+        for _, p in gralora._adapter_params(model):
+            p.normal_()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    # training mode: the slow path, which calls linear1/linear2 but still reads out_proj.weight
+    y = model.train()(x)
+    torch.testing.assert_close(y, with_weights(model, reference.train(), x), rtol=1e-12, atol=1e-12)
+    params = [p for _, p in gralora._adapter_params(model)]
+    grads = torch.autograd.grad(y.pow(2).sum(), params)
+    expected = torch.autograd.grad(with_weights(model, reference, x).pow(2).sum(), params)
+    for g, e in zip(grads, expected):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    # eval mode, with and without autograd (without: the fast path that reads .weight)
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        expected = with_weights(model, reference, x)
+        fast_path.clear()
+        torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+        assert len(fast_path) == 2  # both layers took the fused path
+        assert not torch.allclose(reference(x), expected)  # the adapter does change the output
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+    gralora.merge_adapters(model)  # merged: .weight is the base weight, which now holds dW
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_read_directly_refuses_dropout_in_training():
+    """Adapter dropout acts on the module's input, which code reading .weight never passes through it."""
+    model = encoder()
+    gralora.add_adapters(model, ["out_proj"], r=4, k=2, dropout=0.1)
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"weight is read directly, bypassing forward\(\), so its dropout=0.1"):
+        model.train()(x)
+    model.eval()(x)  # no dropout in eval: fine
+
+
+def test_weight_property_is_not_a_parameter():
+    layer = make(8, 8, 4, 2)
+    dW = layer.delta_weight()
+    torch.testing.assert_close(layer.weight, layer.base.weight + dW, rtol=0, atol=1e-14)
+    assert layer.bias is layer.base.bias
+    assert sorted(layer.state_dict()) == ["A", "B", "base.bias", "base.weight"]
+    assert sorted(n for n, _ in layer.named_parameters()) == ["A", "B", "base.bias", "base.weight"]
+
+
+# ---------------------------------------------------------------- Hugging Face Conv1D (GPT-2's c_attn, c_proj, c_fc)
+
+
+class Conv1D(nn.Module):
+    """What transformers.pytorch_utils.Conv1D computes: y = x @ weight + bias, weight stored (N, M)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.02)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
+
+
+@pytest.mark.parametrize("k,hybrid_r", [(None, 0), (2, 0), (4, 4)])
+def test_conv1d_base(k, hybrid_r):
+    torch.manual_seed(0)
+    conv = Conv1D(24, 16).double()  # N = 16 in, M = 24 out
+    W0 = conv.weight.detach().clone()
+    layer = LoRALinear(conv, 8) if k is None else GraLoRALinear(conv, 8, k=k, hybrid_r=hybrid_r)
+    assert (layer.in_features, layer.out_features) == (16, 24)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith("B"):
+                p.normal_()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    dW = layer.delta_weight()  # (M, N), as for an nn.Linear
+    y = layer(x)
+    torch.testing.assert_close(y, conv(x) + x @ dW.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.weight, W0 + dW.T, rtol=0, atol=1e-14)  # in Conv1D's (N, M) layout
+    layer.merge()
+    torch.testing.assert_close(conv.weight, W0 + dW.T, rtol=0, atol=1e-14)
+    torch.testing.assert_close(layer(x), y, rtol=1e-12, atol=1e-12)
+    layer.unmerge()
+    torch.testing.assert_close(conv.weight, W0, rtol=0, atol=1e-14)
+
+
+def test_conv1d_model_save_load_merge():
+    def model(seed=0):
+        torch.manual_seed(seed)
+        return nn.ModuleDict({"c_attn": Conv1D(48, 16), "c_proj": Conv1D(16, 16), "mlp": nn.Linear(16, 16)}).double()
+
+    def run(m, x):
+        return m["mlp"](m["c_proj"](m["c_attn"](x)[..., :16]))
+
+    src = model()
+    assert gralora.add_adapters(src, ["c_attn", "c_proj", "mlp"], r=4, k=2) == ["c_attn", "c_proj", "mlp"]
+    with torch.no_grad():
+        for _, p in gralora._adapter_params(src):
+            p.normal_()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    y = run(src, x)
+    dst = model()
+    gralora.add_adapters(dst, ["c_attn", "c_proj", "mlp"], r=4, k=2)
+    gralora.load_adapter_state_dict(dst, gralora.adapter_state_dict(src))
+    torch.testing.assert_close(run(dst, x), y, rtol=1e-12, atol=1e-12)
+    gralora.merge_adapters(dst)
+    torch.testing.assert_close(run(dst, x), y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method,kw", [("lora", {}), ("gralora", {"k": 2, "hybrid_r": 2})])
+def test_hf_gpt2(method, kw):
+    """The real thing: transformers' GPT-2, whose c_attn, c_proj and c_fc are Conv1D."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    reference = transformers.GPT2LMHeadModel(config).double().eval()
+    model = copy.deepcopy(reference)
+    names = gralora.add_adapters(model, ["c_attn", "c_proj", "c_fc"], method=method, r=4, **kw)
+    assert len(names) == 8 and all(type(model.get_submodule(n).base).__name__ == "Conv1D" for n in names)
+    with torch.no_grad():
+        for _, p in gralora._adapter_params(model):
+            p.normal_()
+    ids = torch.randint(50, (2, 7))
+    logits = model(ids).logits
+    expected = with_weights(model, reference, ids).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(reference(ids).logits, expected)
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in gralora._adapter_params(model))
+    other = copy.deepcopy(reference)
+    gralora.add_adapters(other, ["c_attn", "c_proj", "c_fc"], method=method, r=4, **kw)
+    gralora.load_adapter_state_dict(other, gralora.adapter_state_dict(model))
+    gralora.merge_adapters(other)
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids).logits, expected, rtol=1e-10, atol=1e-10)

@@ -16,6 +16,8 @@ What it measures, at equal rank (same trainable parameters, same matmul FLOPs):
   5. when tiny_gpt/ is importable: a whole fine-tuning step of the tiny GPT (forward, backward,
      gradient clipping, AdamW, as tiny_gpt/train.py does it, on its fine-tuning batches) with LoRA,
      GraLoRA and Hybrid GraLoRA on its four linears per block, as step time and tokens/s.
+  6. with --forms alone: GraLoRALinear.adapter as gralora.py writes it (paper Eq. 6 as two einsums)
+     against the two-batched-matmul layout it used before (fast_adapter below), forward + backward.
 
 How: all variants of one shape run interleaved in one process (the order rotates every
 repetition), after a warm-up; each figure is a median over repetitions, and each ratio is the
@@ -25,10 +27,12 @@ torch.cuda.synchronize(). The CPU runs always; CUDA too when it is available.
 """
 
 import argparse
+import copy
 import os
 import platform
 import statistics
 import time
+import types
 
 import torch
 import torch.nn as nn
@@ -72,6 +76,9 @@ def parse_args():
     p.add_argument("--profile", action="store_true",
                    help="instead of timing: profile the adapter path (forward + backward) of LoRA and GraLoRA at "
                         "the first shape with torch.profiler and print where the time goes, by operator")
+    p.add_argument("--forms", action="store_true",
+                   help="instead of the sections above: time the readable einsum adapter against the former "
+                        "two-batched-matmul layout (section 6)")
     p.add_argument("--out", default=None, help="also write the report to this file")
     args = p.parse_args()
     if args.tokens > 512 and args.tokens % 512:
@@ -418,6 +425,72 @@ def profile_adapters(args, say, reps=10):
             say(f"    {e.key:<28}{ms:8.2f} ms  {share:5.1f}%")
 
 
+# -----------------------------------------------------------------------------
+# Section 6: the readable forward (two einsums) against the former fast layout
+
+FORM_SHAPES = [(1024, 1024, 16, 2, 0), (1024, 1024, 64, 4, 0), (1024, 1024, 8, 2, 8),
+               (4096, 4096, 16, 2, 0), (4096, 4096, 64, 4, 0)]  # (N, M, r, k, hybrid_r)
+
+
+def fast_adapter(layer, x):
+    """GraLoRALinear.adapter as gralora.py wrote it until the einsum form replaced it: the same sums,
+    laid out as two batched matmuls (batched over input blocks j, then over output blocks i), with the
+    hybrid down-projection riding along in the first one."""
+    k, _, s, n = layer.A.shape
+    r, h, m = layer.r, layer.hybrid_r, layer.B.shape[2]
+    x2d = x.reshape(-1, k * n)  # (T, N)
+    T = x2d.shape[0]
+    x_blocks = x2d.view(T, k, n).transpose(0, 1)  # (k, T, n): [j] = x_j, a view
+    A_by_input = layer.A.permute(1, 3, 0, 2).reshape(k, n, r)  # (k, n, r): [j] = [A_0j^T .. A_(k-1)j^T]
+    if h:
+        hybrid_A_by_input = layer.hybrid_A.view(h, k, n).permute(1, 2, 0)  # (k, n, h)
+        A_by_input = torch.cat([A_by_input, hybrid_A_by_input], dim=-1)  # (k, n, r + h)
+    latent = x_blocks @ A_by_input  # (k, T, r + h)
+    if h:
+        latent, hybrid_parts = latent.split([r, h], dim=-1)  # (k, T, r), (k, T, h)
+    latent = latent.view(k, T, k, s).permute(2, 1, 0, 3).reshape(k, T, r)  # (k_out i, T, r): [i] = A_ij x_j, j = 0..k-1
+    B_by_output = (layer.scaling * layer.B).transpose(2, 3).reshape(k, r, m)  # (k, r, m)
+    y = (latent @ B_by_output).transpose(0, 1)  # (T, k, m): y[:, i] = scaling * y_i
+    if h:
+        hybrid = hybrid_parts.sum(0) @ (layer.scaling * layer.hybrid_B).t()  # (T, M)
+        y = hybrid.view(T, k, m) + y  # (T, k, m)
+    return y.reshape(*x.shape[:-1], k * m)  # (..., M)
+
+
+def compare_forms(device, args, say):
+    dtype = getattr(torch, args.dtype)
+    clock = clock_for(device, args)
+    say(f"\n6. GraLoRA adapter path, forward+backward (grads for x, A, B): readable einsum form (gralora.py) vs "
+        f"the former two-batched-matmul layout; {device.type}, {args.tokens} tokens, {args.dtype}, {args.reps} reps "
+        f"after {args.warmup} warm-up, {'process CPU time' if clock is time.process_time else 'wall time'}")
+    say("   adapter alone (layer.adapter), then the whole layer (frozen base + adapter)")
+    say(f"{'N->M':>10} {'r':>3} {'k':>2} {'hyb':>3} | {'einsum ms':>9} {'bmm ms':>8} | {'einsum / bmm':>19} | "
+        f"{'layer ms':>9} {'bmm ms':>8} | {'einsum / bmm':>19}")
+    for N, M, r, k, hybrid_r in FORM_SHAPES:
+        torch.manual_seed(0)
+        layer = gralora.GraLoRALinear(nn.Linear(N, M, device=device, dtype=dtype), r, k=k, hybrid_r=hybrid_r)
+        with torch.no_grad():
+            for name, p in layer.named_parameters():
+                if name.endswith("B"):
+                    p.normal_(std=0.02)
+        x = make_input(args.tokens, N, device, dtype).requires_grad_(True)
+        grad_out = torch.randn(*x.shape[:-1], M, device=device, dtype=dtype)
+        with torch.no_grad():  # the two forms compute the same thing (tested in float64 in test_gralora.py)
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(fast_adapter(layer, x), layer.adapter(x), rtol=tol, atol=tol)
+        fast = copy.deepcopy(layer)  # the same layer (frozen base included) with the former adapter path
+        fast.adapter = types.MethodType(fast_adapter, fast)
+        cases = {"einsum": fwd_bwd(layer.adapter, x, grad_out, trainable(layer)),
+                 "bmm": fwd_bwd(fast.adapter, x, grad_out, trainable(fast)),
+                 "einsum layer": fwd_bwd(layer, x, grad_out, trainable(layer)),
+                 "bmm layer": fwd_bwd(fast, x, grad_out, trainable(fast))}
+        times = interleaved(cases, args.reps, args.warmup, device, clock)
+        ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        say(f"{N:>4}->{M:<5} {r:>3} {k:>2} {hybrid_r:>3} | {ms['einsum']:9.2f} {ms['bmm']:8.2f} | "
+            f"{fmt_ratio(ratio(times, 'einsum', 'bmm')):>19} | {ms['einsum layer']:9.2f} {ms['bmm layer']:8.2f} | "
+            f"{fmt_ratio(ratio(times, 'einsum layer', 'bmm layer')):>19}")
+
+
 def main():
     args = parse_args()
     if args.threads:
@@ -438,6 +511,10 @@ def main():
     if args.profile:
         devices = []
         profile_adapters(args, say)
+    if args.forms:
+        for device in devices:
+            compare_forms(device, args, say)
+        devices = []
     for device in devices:
         if not args.only_gpt:
             run_device(device, args, say)
