@@ -1,18 +1,40 @@
 """pass@1 by contained execution: complete each held-out prompt greedily, run it against its asserts.
 
-`passes(program, test)` runs untrusted, model-written code. It does so in a separate Python process that,
-before the program starts, caps its memory, CPU time and file sizes, works in a fresh temporary directory,
-and disables the obvious ways to do harm (shell, subprocess, fork, exec, kill, deleting or renaming files,
-writing files outside its directory). The parent kills the child's whole process group afterwards.
+`passes(program, test)` runs model-written code in a separate Python process that, before the program starts,
+works in a fresh temporary directory, disables the obvious ways to do harm (shell, subprocess, fork, exec,
+kill, deleting or renaming files, writing files outside its directory) and, where the platform allows, caps its
+memory, CPU time and file sizes. After a wall-clock timeout, or once the child has exited, the parent kills it
+and, where there are process groups, everything it started.
 
-This is NOT a security boundary. It stops accidents (an infinite loop, a memory bomb, a stray `os.remove`)
-made by a tiny model, not an adversary: Python code can undo every one of these patches (ctypes, reloading
-modules, walking frames). For real untrusted code, use a container or VM with no network and no host mounts.
+This is a guard against accidents, not a security boundary. It stops an infinite loop, a memory bomb or a stray
+`os.remove` written by a tiny model, not an adversary: Python code can undo every one of these patches (ctypes,
+reloading modules, walking frames). For real untrusted code, use a container or VM with no network and no host
+mounts.
+
+Which guards hold where (`_guards()` is the one place that looks at the platform):
+
+    guard                                    Linux  macOS, Py 3.13+  macOS, Py 3.10-3.12  Windows
+    wall-clock timeout, then the child is    yes    yes              yes                  yes
+      killed; fresh temp dir; patched os,
+      open, subprocess; stdout over 1 MiB
+      is a failure
+    CPU-time and file-size caps (rlimits)    yes    yes              yes                  no (timeout only)
+    memory cap (RLIMIT_AS)                   yes    no (1)           no (1)               no
+    own process group, killed as a whole     yes    yes              yes (2)              no: the child only (3)
+
+    (1) macOS rejects RLIMIT_AS (setrlimit fails with EINVAL) and would not enforce it anyway.
+    (2) without os.waitid (macOS before Python 3.13) the child is reaped before its group is killed: stray
+        processes are still killed, but in that instant its pid could in principle be reused.
+    (3) the harness removes the ways to start processes (os.system, os.spawn*, os.startfile, subprocess,
+        multiprocessing), so nothing should be left behind; nothing would kill it if something were.
 
 How a pass is recognised: the parent sends a random nonce on stdin; the harness reads it before any program
 code runs and prints it only after the last assert has passed. The parent counts a pass only if the process
 exited with status 0 AND printed the nonce as its last line, so a program that exits early with status 0
-(sys.exit(0), os._exit(0)) before its asserts ran cannot look like a success.
+(sys.exit(0), os._exit(0)) before its asserts ran cannot look like a success. The harness also prints a line
+once its guards are set; if the child stops before that line (it could not set a guard, or the harness does
+not work on this platform) the program is judged failed AND passes() warns, so a broken harness cannot pass
+for a model that fails every task.
 """
 
 import json
@@ -23,24 +45,32 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .data import STOP
 
+_READY = "passes: guards set"  # the harness's first line, printed before any program code runs
+_OUTPUT_BYTES = 2**20  # a child that prints more has failed (and, with rlimits, can write no bigger file)
+
 # The child's program. It runs with `python -I` (isolated: no user site-packages, no PYTHON* variables, so
 # no PYTHONOPTIMIZE that would strip the asserts) and its working directory is the fresh sandbox directory.
 _HARNESS = r'''
-import _io, builtins, io, json, os, posix, resource, signal, sys
+import _io, builtins, io, json, os, signal, sys
 
 job = json.loads(sys.stdin.read())  # the nonce is read before any program code runs
 nonce, program, test = job["nonce"], job["program"], job["test"]
-mem, cpu, fsize = job["memory_bytes"], job["cpu_seconds"], job["file_bytes"]
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))  # a memory bomb ends in MemoryError
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))  # a busy loop gets SIGXCPU even if the parent is late
-resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))  # no file (stdout included) grows past this
-sandbox = os.path.realpath(os.getcwd())
+if job["limits"]:  # the parent found `resource` (POSIX); a limit that cannot be set stops the child: a failure
+    import resource
+    for name, value in job["limits"].items():  # RLIMIT_AS: a memory bomb ends in MemoryError; RLIMIT_CPU:
+        limit = getattr(resource, name)        # a busy loop gets SIGXCPU even if the parent is late;
+        hard = resource.getrlimit(limit)[1]    # RLIMIT_FSIZE: no file (stdout included) grows past the cap
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(limit, (value, value))
+sys.stdout.reconfigure(encoding="utf-8")  # as on Linux; Windows would use its code page for a file
+sandbox = os.path.normcase(os.path.realpath(os.getcwd()))
 
 
 def refuse(name):
@@ -49,23 +79,23 @@ def refuse(name):
     return refused
 
 
-# os re-exports these from posix; patch both so neither name reaches the real function.
+# os re-exports these from posix (nt on Windows); patch both so neither name reaches the real function.
 DISABLED = ["system", "popen", "fork", "forkpty", "vfork", "posix_spawn", "posix_spawnp", "kill", "killpg",
-            "execv", "execve", "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace",
-            "truncate", "ftruncate", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "link", "symlink",
-            "chdir", "chroot", "mkdir", "makedirs", "mkfifo", "mknod", "utime", "setxattr", "removexattr",
-            "pidfd_open"]
-for module in (os, posix):
+            "execv", "execve", "spawnv", "spawnve", "startfile", "remove", "unlink", "rmdir", "removedirs",
+            "rename", "renames", "replace", "truncate", "ftruncate", "chmod", "fchmod", "lchmod", "chown",
+            "fchown", "lchown", "link", "symlink", "chdir", "chroot", "mkdir", "makedirs", "mkfifo", "mknod",
+            "utime", "setxattr", "removexattr", "pidfd_open"]
+for module in (os, sys.modules[os.name]):
     for name in DISABLED:
         if hasattr(module, name):
             setattr(module, name, refuse(name))
 signal.pidfd_send_signal = refuse("pidfd_send_signal")
-for name in ["subprocess", "_posixsubprocess", "multiprocessing", "pty", "ctypes", "_ctypes"]:
+for name in ["subprocess", "_posixsubprocess", "_winapi", "multiprocessing", "pty", "ctypes", "_ctypes"]:
     sys.modules[name] = None  # importing a module set to None raises ImportError
 
 
 def inside(path):
-    real = os.path.realpath(path)
+    real = os.path.normcase(os.path.realpath(path))
     return real == sandbox or real.startswith(sandbox + os.sep)
 
 
@@ -96,8 +126,10 @@ class GuardedFileIO(real_FileIO):
 
 builtins.open = io.open = _io.open = guarded_open
 io.FileIO = _io.FileIO = GuardedFileIO
-os.open = posix.open = guarded_os_open
+os.open = sys.modules[os.name].open = guarded_os_open
 
+sys.stdout.write(job["ready"] + "\n")  # every guard is set
+sys.stdout.flush()
 namespace = {"__name__": "__main__"}
 exec(compile(program, "<program>", "exec"), namespace)
 exec(compile(test, "<test>", "exec"), namespace)
@@ -106,36 +138,76 @@ sys.stdout.flush()
 '''
 
 
+def _guards() -> dict:
+    """The guards this platform gives passes(): the only place in this module that looks at the platform."""
+    try:
+        import resource  # noqa: F401  (POSIX only)
+    except ImportError:
+        limits = []
+    else:  # macOS rejects RLIMIT_AS
+        limits = ["RLIMIT_CPU", "RLIMIT_FSIZE"] + ([] if sys.platform == "darwin" else ["RLIMIT_AS"])
+    return {
+        "limits": limits,  # the rlimits the child sets on itself
+        "process_group": hasattr(os, "setsid") and hasattr(os, "killpg"),  # POSIX: a new session, killpg
+        "wait_without_reaping": hasattr(os, "waitid"),  # Linux; macOS from Python 3.13
+    }
+
+
 def passes(program: str, test: str, timeout: float = 2.0, memory_mb: int = 512) -> bool:
     """True if `program` and then every assert in `test` run to the end in a contained child process.
 
-    Not a security boundary (see the module docstring): it contains accidents, not attacks.
+    A guard against accidents, not a security boundary; which guards hold on which platform is in the module
+    docstring. Never raises: a program the guard cannot judge is judged failed (with a RuntimeWarning when
+    the child could not even be started or set up).
 
     Args:
         program: Python source that defines the function under test.
         test: Python source with the asserts, run in the same namespace after `program`.
-        timeout: wall-clock seconds before the child's process group is killed (a failure).
-        memory_mb: address-space cap of the child.
+        timeout: wall-clock seconds before the child (and its process group, where there is one) is killed.
+        memory_mb: address-space cap of the child, where the platform has one (Linux).
 
     Returns:
         True only if the child exited with status 0 and printed the nonce last; an exception, a failed
         assert, an early exit, a crash, a limit hit or a timeout all give False.
     """
+    guards = _guards()
     nonce = secrets.token_hex(16)
-    job = dict(nonce=nonce, program=program, test=test, memory_bytes=memory_mb * 2**20,
-               cpu_seconds=int(timeout) + 1, file_bytes=2**20)
-    with tempfile.TemporaryDirectory(prefix="passes-") as sandbox, tempfile.TemporaryFile() as stdout:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _HARNESS],
-            stdin=subprocess.PIPE, stdout=stdout, stderr=subprocess.DEVNULL,
-            cwd=sandbox, start_new_session=True,  # its own process group, so we can kill all it started
-        )
+    caps = {"RLIMIT_AS": memory_mb * 2**20, "RLIMIT_CPU": int(timeout) + 1, "RLIMIT_FSIZE": _OUTPUT_BYTES}
+    job = dict(nonce=nonce, ready=_READY, program=program, test=test,
+               limits={name: caps[name] for name in guards["limits"]})
+    try:
+        with tempfile.TemporaryDirectory(prefix="passes-", ignore_cleanup_errors=True) as sandbox, \
+                tempfile.TemporaryFile() as out:
+            returncode = _run(job, sandbox, out, timeout, guards)
+            size = out.seek(0, os.SEEK_END)
+            out.seek(0)
+            head = out.read(256).decode(errors="replace")
+            out.seek(max(0, size - 256))
+            tail = out.read().decode(errors="replace")
+    except OSError as error:  # could not make the directory or start Python: nothing was judged
+        warnings.warn(f"passes(): could not run the child ({error!r}); the program is judged failed",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    if head.splitlines()[:1] != [_READY]:
+        warnings.warn(f"passes(): the child ended (exit status {returncode}) before its guards were set (one "
+                      "could not be set, the harness fails here, or the timeout came first); the program is "
+                      "judged failed", RuntimeWarning, stacklevel=2)
+        return False
+    return returncode == 0 and size <= _OUTPUT_BYTES and tail.splitlines()[-1:] == [nonce]
+
+
+def _run(job, sandbox, out, timeout, guards) -> int:
+    """Run the harness on `job` with stdout to the file `out`; kill what is left after `timeout` s; its status."""
+    group = guards["process_group"]
+    proc = subprocess.Popen([sys.executable, "-I", "-c", _HARNESS], stdin=subprocess.PIPE, stdout=out,
+                            stderr=subprocess.DEVNULL, cwd=sandbox, start_new_session=group)
+    try:
         try:
-            try:
-                proc.stdin.write(json.dumps(job).encode())
-                proc.stdin.close()
-            except BrokenPipeError:  # the child died before reading its job
-                pass
+            proc.stdin.write(json.dumps(job).encode())  # ASCII: json escapes the rest
+            proc.stdin.close()
+        except OSError:  # the child died before reading its job (BrokenPipeError; EINVAL on Windows)
+            pass
+        if guards["wait_without_reaping"]:
             # Wait for the child to exit WITHOUT reaping it (WNOWAIT): while it is a zombie its pid, which
             # is also its process group id, cannot be reused, so the killpg below cannot hit a stranger.
             deadline = time.monotonic() + timeout
@@ -143,15 +215,21 @@ def passes(program: str, test: str, timeout: float = 2.0, memory_mb: int = 512) 
                 if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
                     break
                 time.sleep(0.005)
-        finally:
+        else:
+            try:
+                proc.wait(timeout)  # reaps the child if it exits in time
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        if group:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # the child, if still running, and anything it started
-            except ProcessLookupError:
+            except OSError:  # no such group any more (ESRCH), or only zombies left in it (EPERM on macOS)
                 pass
-            returncode = proc.wait()
-        stdout.seek(0)
-        lines = stdout.read().decode(errors="replace").splitlines()
-    return returncode == 0 and bool(lines) and lines[-1] == nonce
+        else:
+            proc.kill()  # the child only; does nothing once it has been reaped
+        returncode = proc.wait()
+    return returncode
 
 
 @torch.no_grad()
