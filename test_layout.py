@@ -7,9 +7,11 @@ gralora.py imports only torch and the standard library, so it can be copied alon
 """
 
 import ast
+import io
 import json
 import re
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,44 @@ def test_readme_names_only_files_that_exist(readme):
         elif code_path and "/" in code_path and not (ROOT / code_path).exists():
             missing.append(code_path)
     assert not missing, f"{readme} names files that are not in the repository: {missing}"
+
+
+# The README states the method's size the way small classics do; this is the count, and the test keeps it true.
+METHOD = ("_is_int", "_is_conv1d", "_check_args", "_upcast", "AdapterLinear", "LoRALinear", "GraLoRALinear")
+
+
+def code_lines(path, names=None):
+    """Lines holding code (not docstrings, comments or blank lines) in the top-level definitions `names`
+    of a Python file, or in the whole file when names is None."""
+    source = Path(path).read_text()
+    tree = ast.parse(source)
+    docstrings = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
+    code = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                            tokenize.ENDMARKER):
+            code.update(range(tok.start[0], tok.end[0] + 1))
+    code -= docstrings
+    if names is None:
+        return len(code)
+    spans = [range(node.lineno, node.end_lineno + 1) for node in tree.body if getattr(node, "name", None) in names]
+    assert len(spans) == len(names), "a definition named in METHOD is missing from gralora.py"
+    return sum(len(code.intersection(span)) for span in spans)
+
+
+def test_readme_states_the_method_size():
+    method, whole = code_lines(ROOT / "gralora.py", METHOD), code_lines(ROOT / "gralora.py")
+    readme = (ROOT / "README.md").read_text()
+    assert f"{method} lines of code" in readme and f"{whole} in the whole file" in readme, (method, whole)
+
+
+def test_code_lines_counts_code_only(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text('"""doc"""\n\n# comment\ndef f(x):\n    """doc\n    more"""\n    y = (x +\n         1)  # note\n'
+                    '    return y\n\n\nclass C:\n    pass\n')
+    assert code_lines(path, ("f",)) == 4 and code_lines(path) == 6
