@@ -18,7 +18,9 @@ Everything is small, seeded and on the CPU. What is checked:
 """
 
 import dataclasses
+import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -301,7 +303,10 @@ def test_pretrain_cache_is_reused_and_rebuilt(tmp_path):
     with open(path, "wb") as f:
         f.write(b"not a checkpoint")
     _, cached = train.pretrain(preset.gpt, preset.train, "cpu", cache_dir=str(tmp_path), log=messages.append)
-    assert not cached and any("unreadable" in m for m in messages)
+    unreadable = [m for m in messages if "unreadable" in m]
+    assert not cached and len(unreadable) == 1
+    # one short line, without torch's paragraph of advice about weights_only
+    assert "\n" not in unreadable[0] and "weights_only" not in unreadable[0] and len(unreadable[0]) < 200
 
     saved = torch.load(path, weights_only=True)
     saved["config"]["pretrain_steps"] = 999  # a file whose stored config differs from the one asked for
@@ -312,7 +317,7 @@ def test_pretrain_cache_is_reused_and_rebuilt(tmp_path):
     # every field pretraining reads is in the key: a change gives a new file, never stale weights
     for field, value in dict(pretrain_steps=3, pretrain_lr=1e-4, pretrain_batch=3, pretrain_seed=7,
                              pretrain_weight_decay=0.0, corpus_programs=77, data_seed=5, warmup_frac=0.3,
-                             min_lr_frac=0.5, grad_clip=0.1).items():
+                             min_lr_frac=0.5, grad_clip=0.1, bf16=True).items():
         other = smoke_preset(**{"pretrain_steps": 2, field: value})
         assert train.cache_path(other.gpt, other.train, str(tmp_path)) != path, field
     # ... and fine-tuning fields are not: they never make pretraining run again
@@ -372,3 +377,226 @@ def test_table_and_figure(tmp_path):
     assert "±" in table and len(table.splitlines()) == 2 + 5
     train.plot_sweep(rows, str(tmp_path / "fig.png"))
     assert (tmp_path / "fig.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the CLI's usage errors, its output files, its progress lines
+
+
+def run_main(argv, capsys):
+    """`python -m tiny_gpt argv` in this process: (exit status, stdout, stderr)."""
+    from tiny_gpt.__main__ import main
+
+    try:
+        status = main(argv)
+    except SystemExit as exit:
+        status = exit.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_cli_refuses_unwritable_output_paths_before_training(tmp_path, capsys):
+    """A bad --out or --fig is a one-line usage error (exit 2) naming the path and why, before any training."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [(["--out", str(a_file / "rows.json")], f"{a_file} is not a folder"),
+             (["--out", str(tmp_path)], "is a folder, not a file"),
+             (["--fig", str(a_file / "sub" / "fig.png")], f"{a_file} is not a folder"),
+             (["--fig", str(tmp_path / "fig.xyz")], "cannot write 'xyz' files")]
+    if sys.platform.startswith("linux"):  # a folder that cannot be created
+        cases.append((["--out", "/proc/nope/x.json"], "cannot create the folder /proc/nope"))
+    for args, why in cases:
+        status, out, err = run_main(["--preset", "smoke", "--cache-dir", str(tmp_path / "cache")] + args, capsys)
+        assert status == 2, args
+        assert len(err.strip().splitlines()) == 1 and why in err and args[1] in err, err
+        assert out == "" and not (tmp_path / "cache").exists()  # nothing ran
+
+
+def test_cli_refuses_unavailable_devices(capsys):
+    bad = ["foo", "cuda:7"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for name in bad:
+        status, out, err = run_main(["--preset", "smoke", "--device", name], capsys)
+        assert status == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"device '{name}' is not available here; available: cpu" in err
+    assert train.parse_device("cpu") == torch.device("cpu")
+
+
+def fake_training(monkeypatch, on_finetune=lambda n: None):
+    """Replace pretraining and fine-tuning in the CLI by instant fakes that return well-formed rows."""
+    import tiny_gpt.__main__ as cli
+
+    calls = []
+
+    def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, preset=None, device=None):
+        calls.append(method)
+        on_finetune(len(calls))
+        return dict(method=method, r=rank, k=k, hybrid_r=hybrid_r, seed=seed, trainable_params=10,
+                    val_loss=1.0 / len(calls), pass_at_1=0.5, seconds=0.1, lr=1e-2, rank_budget=rank,
+                    adapter_flops_per_token=0, curve=[], model=None)
+
+    monkeypatch.setattr(cli, "pretrain", lambda *args, **kwargs: ({}, True))
+    monkeypatch.setattr(cli, "finetune", finetune)
+    return calls
+
+
+def test_cli_creates_a_missing_output_folder_and_says_so(tmp_path, monkeypatch, capsys):
+    fake_training(monkeypatch)
+    out = tmp_path / "new" / "deeper" / "rows.json"
+    status, stdout, _ = run_main(["--preset", "smoke", "--methods", "lora", "gralora", "--out", str(out)], capsys)
+    assert status == 0
+    assert f"created folder {out.parent} for --out" in stdout
+    assert [row["method"] for row in json.loads(out.read_text())] == ["lora", "gralora"]
+    assert os.listdir(out.parent) == ["rows.json"]  # no temporary or probe file left behind
+
+
+def test_cli_keeps_the_rows_when_out_fails_mid_run(tmp_path, monkeypatch, capsys):
+    """The --out folder vanishes after the first run: the rows go to a fallback file in the current directory,
+    stderr names it, and the job ends with status 1 instead of losing the runs in a traceback."""
+    folder = tmp_path / "results"
+
+    def sabotage(n):
+        if n == 2:  # after the first row was written: the folder becomes a file
+            for name in os.listdir(folder):
+                os.remove(folder / name)
+            folder.rmdir()
+            folder.write_text("")
+
+    fake_training(monkeypatch, sabotage)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    status, stdout, stderr = run_main(["--preset", "smoke", "--methods", "base", "lora", "gralora",
+                                       "--out", str(folder / "rows.json")], capsys)
+    assert status == 1
+    fallback = [name for name in os.listdir(cwd) if name.endswith(".json")]
+    assert len(fallback) == 1 and fallback[0] in stderr and str(folder / "rows.json") in stderr
+    rows = json.loads((cwd / fallback[0]).read_text())
+    assert [row["method"] for row in rows] == ["base", "lora", "gralora"]
+    assert "gralora" in stdout  # the table was printed too
+
+
+def test_write_json_is_atomic(tmp_path):
+    path = tmp_path / "rows.json"
+    train.write_json(str(path), [1, 2])
+    assert json.loads(path.read_text()) == [1, 2]
+    with pytest.raises(TypeError):  # fails half-way through serialising: the old file stays whole
+        train.write_json(str(path), [3, object()])
+    assert json.loads(path.read_text()) == [1, 2] and os.listdir(tmp_path) == ["rows.json"]
+    with pytest.raises(OSError):
+        train.write_json(str(tmp_path / "missing" / "rows.json"), [])
+
+
+def test_progress_lines_flow_through_a_pipe(tmp_path):
+    """`python -m tiny_gpt | tee log` shows progress as it happens, not at exit: the first progress line is
+    readable from the pipe while the job is still at work (the final table not yet written)."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}  # as a user has it
+    env["TINY_GPT_CACHE"] = str(tmp_path / "cache")  # an empty cache: pretraining logs first
+    proc = subprocess.Popen([sys.executable, "-m", "tiny_gpt", "--preset", "smoke", "--methods", "lora"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "step" in line:
+                break
+        proc.kill()  # the job had many steps, a fine-tune and pass@1 to go
+        seen += proc.stdout.readlines()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert any(line.startswith("pretrain step") for line in seen), seen
+    assert not any("pass@1 %" in line for line in seen), "the progress line came only with the final table"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every preset's code path on the CPU, and what mixed precision may not change
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_quick_preset_runs_its_whole_pipeline(preset, tmp_path):
+    """The preset's model shapes and code path (bf16 autocast forced on the CPU, as CUDA gets it) end to end:
+    pretraining, every method, the paper's rule for k, the table, the JSON and the figure, in 2 + 2 steps."""
+    out = tmp_path / "rows.json"
+    rank = 64 if preset == "gpu" else 16  # k = 4 on the gpu preset's width 384, k = 2 on the cpu preset's 128
+    result = subprocess.run([sys.executable, "-m", "tiny_gpt", "--preset", preset, "--quick", "--bf16", "on",
+                             "--device", "cpu", "--ranks", str(rank), "--hybrid-max-r", str(rank),
+                             "--out", str(out), "--fig", str(tmp_path / "fig.png"),
+                             "--cache-dir", str(tmp_path / "cache")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [row["method"] for row in rows] == ["base", "fft", "lora", "gralora", "hybrid"]
+    width = train.PRESETS[preset].gpt.n_embd
+    adapters = rows[2:]
+    assert [row["trainable_params"] for row in adapters] == [adapters[0]["trainable_params"]] * 3
+    assert adapters[0]["trainable_params"] % (rank * width) == 0  # the preset's own width
+    assert rows[3]["k"] == (4 if rank >= 64 else 2)
+    assert all(math.isfinite(row["val_loss"]) and len(row["curve"]) == 2 for row in rows[1:])
+    assert (tmp_path / "fig.png").stat().st_size > 10_000
+    assert "(quick)" in result.stdout
+
+
+def test_bf16_autocast_only_in_the_training_forward(monkeypatch):
+    """With bf16 forced (on the CPU here), LoRA and GraLoRA train their forward in bfloat16 alike, and both are
+    measured alike outside autocast: val loss and pass@1's decoding in float32."""
+    preset = train.quick(train.PRESETS["smoke"])
+    preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, bf16=True, n_test=2))
+    torch.manual_seed(0)
+    base_state = GPT(preset.gpt).state_dict()  # an untrained base does: this is about precision, not skill
+    forward = GPT.forward
+    calls = []
+
+    def recording_forward(self, idx, targets=None, cache=None):
+        logits, loss = forward(self, idx, targets, cache)
+        calls.append((self.training, torch.is_autocast_enabled("cpu"), logits.dtype))
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", recording_forward)
+    seen = {}
+    for method in ("lora", "gralora"):
+        calls.clear()
+        row = train.finetune(base_state, method, rank=4, preset=preset, log=lambda s: None)
+        training = [c for c in calls if c[0]]
+        measuring = [c for c in calls if not c[0]]
+        assert len(training) == preset.train.finetune_steps and measuring, method
+        assert all(autocast and dtype == torch.bfloat16 for _, autocast, dtype in training), (method, training)
+        assert all(not autocast and dtype == torch.float32 for _, autocast, dtype in measuring), (method, measuring)
+        tasks = train.tasks_for(preset.train)
+        val = train.encode_tasks(tasks.val, CharTokenizer())
+        assert row["val_loss"] == train.completion_loss(row["model"], val, "cpu")  # float32, as recomputed
+        seen[method] = [phase for phase, _ in itertools.groupby(c[:2] for c in calls)]  # runs of one kind
+    # the same phases in the same order (decoding may stop after more or fewer tokens, so not the same count)
+    assert seen["lora"] == seen["gralora"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the figure
+
+
+def test_sweep_figure_colours_and_scales():
+    rows = []
+    for method, rank, loss in (("lora", 4, 0.30), ("lora", 16, 9.0), ("gralora", 4, 0.29), ("gralora", 16, 0.28),
+                               ("hybrid", 4, 0.31)):
+        r, k, hybrid_r = train.adapter_spec(method, rank)
+        rows.append(dict(method=method, r=r, k=k, hybrid_r=hybrid_r, seed=0, rank_budget=rank,
+                         trainable_params=100 * rank, adapter_flops_per_token=0, val_loss=loss, pass_at_1=0.25,
+                         seconds=1.0))
+    for method, loss in (("fft", 0.3), ("base", 0.33)):
+        rows.append(dict(method=method, r=None, k=None, hybrid_r=None, seed=0, rank_budget=None,
+                         trainable_params=10**5, adapter_flops_per_token=0, val_loss=loss, pass_at_1=0.5, seconds=2.0))
+    import matplotlib.colors
+
+    fig = train.plot_sweep(rows)
+    loss_ax, pass_ax = fig.axes
+    assert loss_ax.get_yscale() == "log"  # the diverged lora r=16 does not flatten the rest
+    for ax in (loss_ax, pass_ax):
+        colours = {line.get_label(): line.get_color() for line in ax.get_lines() if not line.get_label().startswith("_")}
+        for container in ax.containers:  # errorbar lines
+            colours[container.get_label()] = container.lines[0].get_color()
+        assert set(colours) == set(train.METHOD_COLORS)
+        for method, colour in colours.items():
+            assert matplotlib.colors.same_color(colour, train.METHOD_COLORS[method]), method
+    pass_lines = [c.lines[0] for c in pass_ax.containers]
+    assert all(list(line.get_ydata()) == [25.0] * len(line.get_ydata()) for line in pass_lines)  # percent
+    assert len(set(train.METHOD_COLORS.values())) == len(train.METHOD_COLORS) and set(train.METHOD_COLORS) == set(
+        train.METHODS)

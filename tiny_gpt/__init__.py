@@ -18,9 +18,9 @@ In a notebook:
 from .data import CharTokenizer, make_corpus, make_tasks
 from .evaluate import complete, pass_at_1, passes
 from .model import GPT, GPTConfig
-from .train import (METHODS, PRESETS, Preset, TrainConfig, adapter_spec, finetune, format_table, pick_device,
-                    plot_sweep, pretrain, summarize, tasks_for)
+from .train import (METHOD_COLORS, METHODS, PRESETS, Preset, TrainConfig, adapter_spec, finetune, format_table,
+                    pick_device, plot_sweep, pretrain, quick, summarize, tasks_for, write_json)
 
 __all__ = ["CharTokenizer", "make_corpus", "make_tasks", "complete", "pass_at_1", "passes", "GPT", "GPTConfig",
-           "METHODS", "PRESETS", "Preset", "TrainConfig", "adapter_spec", "finetune", "format_table",
-           "pick_device", "plot_sweep", "pretrain", "summarize", "tasks_for"]
+           "METHOD_COLORS", "METHODS", "PRESETS", "Preset", "TrainConfig", "adapter_spec", "finetune", "format_table",
+           "pick_device", "plot_sweep", "pretrain", "quick", "summarize", "tasks_for", "write_json"]

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,9 @@ from .model import GPT, GPTConfig
 
 TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # adapted in every block
 METHODS = ["base", "fft", "lora", "gralora", "hybrid"]  # base = the pretrained model, not fine-tuned
+# One colour per method in every figure of the project (the notebook and the study use it too).
+METHOD_COLORS = {"base": "tab:gray", "fft": "black", "lora": "tab:blue", "gralora": "tab:orange",
+                 "hybrid": "tab:green"}
 
 
 @dataclass
@@ -57,6 +61,10 @@ class TrainConfig:
     min_lr_frac: float = 0.1  # the cosine decays to this share of the peak
     grad_clip: float = 1.0  # clip the gradient's global norm
     eval_every: int = 50  # steps between validation losses (and progress lines)
+    # The training forward in bfloat16 autocast: None = on CUDA only; True forces it (the CPU supports it
+    # too, which is how the tests exercise the gpu preset's path), False turns it off. Val loss and pass@1
+    # are always computed outside autocast, in float32, for every method alike.
+    bf16: bool = None
 
     def lr_for(self, method):
         """The fine-tuning peak learning rate of `method` (None for the untouched base model)."""
@@ -102,9 +110,17 @@ def get_preset(name):
     return PRESETS[name]
 
 
+def quick(preset):
+    """The same preset cut down to a check of its code path, in seconds: the model's shapes, the recipe's
+    learning rates and the bf16 setting stay; the steps (2 + 2), batches (2) and task counts (4 val and 4 test
+    tasks) shrink. Its numbers mean nothing; `python -m tiny_gpt --quick` and the tests use it."""
+    train = dataclasses.replace(preset.train, corpus_programs=200, pretrain_steps=2, pretrain_batch=2,
+                                n_train=32, n_val=4, n_test=4, finetune_steps=2, finetune_batch=2, eval_every=1)
+    return dataclasses.replace(preset, train=train)
+
+
 def positive_float(text):
-    """argparse type: a positive finite number, or an error that names the value. Shared by the command lines
-    of tiny_gpt and study.outliers."""
+    """argparse type: a positive finite number, or an error that names the value."""
     value = float(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
@@ -118,6 +134,50 @@ def pick_device():
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def available_devices():
+    """The devices this torch build can use here, as names: cpu, then cuda, cuda:0.. and mps when present."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
+def parse_device(text):
+    """torch.device(text) if this machine has that device, else ValueError naming the available ones."""
+    available = available_devices()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or (device.type if device.index in (None, 0) else str(device)) not in available:
+        raise ValueError(f"device {text!r} is not available here; available: {', '.join(available)}")
+    return device
+
+
+def print_now(message):
+    """The default `log`: print and flush at once, so progress shows through a pipe (`| tee log`) too."""
+    print(message, flush=True)
+
+
+def write_json(path, obj):
+    """Write `obj` as JSON to `path` atomically: to a temporary file in the same folder, then os.replace, so
+    a reader never sees a half-written file and a failed write leaves the previous file as it was. Raises
+    OSError (the temporary file removed) if the folder cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def lr_at(step, steps, peak, warmup_frac, min_lr_frac):
@@ -138,13 +198,14 @@ def _optimize(model, params, lr, weight_decay, steps, next_batch, cfg, evaluate,
         lr=lr, betas=(0.9, 0.95),
     )
     device_type = next(model.parameters()).device.type
+    bf16 = device_type == "cuda" if cfg.bf16 is None else cfg.bf16  # the training forward only, never eval
     curve, tokens, start, recent = [], 0, time.time(), []
     model.train()
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, cfg.warmup_frac, cfg.min_lr_frac)
         x, y = next_batch()  # (B, T), (B, T)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,6 +239,8 @@ def _pretrain_config(gpt_cfg, train_cfg):
     shared = ("warmup_frac", "min_lr_frac", "grad_clip")  # the schedule both phases use
     fields = {k: v for k, v in dataclasses.asdict(train_cfg).items()
               if k.startswith(("pretrain_", "corpus_")) or k in shared}
+    if train_cfg.bf16 is not None:  # only when set, so that the keys of older caches stay valid
+        fields["bf16"] = train_cfg.bf16
     corpus_sha256 = hashlib.sha256(_corpus(train_cfg).encode()).hexdigest()
     return dict(gpt=dataclasses.asdict(gpt_cfg), data_seed=train_cfg.data_seed, corpus_sha256=corpus_sha256,
                 **fields)
@@ -203,7 +266,8 @@ def _read_cache(path, config, log):
         stored = saved["config"]
         state = saved["state_dict"]
     except Exception as err:  # a truncated or foreign file: any failure to read it means "rebuild"
-        log(f"cache {path} is unreadable ({type(err).__name__}: {err}); pretraining again")
+        # one short line: the exception's own text can run to a paragraph (torch's weights_only advice)
+        log(f"cache {path} is unreadable ({type(err).__name__}); pretraining again")
         return None
     if stored != config:
         log(f"cache {path} was made with another config; pretraining again")
@@ -211,7 +275,7 @@ def _read_cache(path, config, log):
     return state
 
 
-def pretrain(gpt_cfg, train_cfg, device, cache_dir=None, log=print):
+def pretrain(gpt_cfg, train_cfg, device, cache_dir=None, log=print_now):
     """The pretrained base model's state dict, from the cache when it holds one for these configs.
 
     Returns (state_dict on the cpu, from_cache). A fresh model is trained on the corpus (next-character
@@ -349,7 +413,7 @@ def adapter_flops_per_token(model):
 
 
 def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, preset="cpu", device="cpu",
-             log=print):
+             log=print_now):
     """Fine-tune the base model with one method, then measure it. `base` only measures.
 
     Args:
@@ -468,35 +532,41 @@ def format_table(rows):
 
 
 def plot_sweep(rows, path=None):
-    """Val loss and pass@1 against the rank budget, one line per adapter method (and k), mean ± std over
-    seeds; FFT and the base model as horizontal references. Saved to `path` if given; returns the figure."""
+    """Val loss and pass@1 (in percent) against the rank budget, one line per adapter method (and k), mean ±
+    std over seeds; FFT and the base model as horizontal references. Each method has its colour from
+    METHOD_COLORS. The val-loss axis is logarithmic, so that one diverged run does not flatten the others.
+    Saved to `path` if given; returns the figure."""
     import matplotlib
 
     if path is not None:
         matplotlib.use("Agg")  # no display needed to write a file
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     summary = summarize(rows)
     # One line per method; GraLoRA's k is written next to its points. Only a sweep over k (several k at
-    # one rank budget) gets one line per (method, k).
+    # one rank budget) gets one line per (method, k), in the method's colour, told apart by line style.
     ks_at = {}
     for e in summary:
         ks_at.setdefault((e["method"], e["rank_budget"]), set()).add(e["k"])
     sweep_k = any(len(ks) > 1 for ks in ks_at.values())
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label, scale in ((axes[0], "val_loss", "val loss (completion tokens)", 1.0),
+    for ax, key, label, scale in ((axes[0], "val_loss", "val loss (completion tokens, log scale)", 1.0),
                                   (axes[1], "pass_at_1", "pass@1 on held-out tasks (%)", 100.0)):
         lines = {}
         for e in summary:
             if e["rank_budget"] is not None:
                 name = f"{e['method']} k={e['k']}" if sweep_k and e["method"] != "lora" else e["method"]
                 lines.setdefault(name, []).append(e)
-        shown = []
+        shown, styles = [], ["-", "--", ":", "-."]
         for name, entries in lines.items():
             entries.sort(key=lambda e: e["rank_budget"])
+            method = entries[0]["method"]
+            same_method = [n for n in lines if lines[n][0]["method"] == method]
             xs = [e["rank_budget"] for e in entries]
             ys = [scale * e[key][0] for e in entries]
-            ax.errorbar(xs, ys, yerr=[scale * e[key][1] for e in entries], marker="o", capsize=3, label=name)
+            ax.errorbar(xs, ys, yerr=[scale * e[key][1] for e in entries], marker="o", capsize=3, label=name,
+                        color=METHOD_COLORS[method], linestyle=styles[same_method.index(name) % len(styles)])
             shown += ys
             if not sweep_k and name == "gralora":
                 for x, y, e in zip(xs, ys, entries):
@@ -505,19 +575,24 @@ def plot_sweep(rows, path=None):
         for e in summary:
             if e["rank_budget"] is None:  # fft and base: no rank, a horizontal line
                 mean, std = scale * e[key][0], scale * e[key][1]
-                pad = 0.5 * (high - low) + 1e-9
-                if key == "val_loss" and shown and not low - pad <= mean <= high + pad:
+                color = METHOD_COLORS[e["method"]]
+                if key == "val_loss" and shown and not low / 2 <= mean <= 2 * high:
                     # far off the adapters' range (the base model's loss): say it instead of squashing the axis
-                    ax.plot([], [], color="black", linestyle=":", label=f"{e['method']}: {mean:.3f}, off the axis")
+                    ax.plot([], [], color=color, linestyle=":", label=f"{e['method']}: {mean:.3f}, off the axis")
                     continue
-                style = dict(color="black", linestyle="--" if e["method"] == "fft" else ":")
-                ax.axhline(mean, label=e["method"], **style)
+                ax.axhline(mean, label=e["method"], color=color, linestyle="--" if e["method"] == "fft" else ":")
                 if std > 0:
-                    ax.axhspan(mean - std, mean + std, color="black", alpha=0.1)
+                    ax.axhspan(mean - std, mean + std, color=color, alpha=0.1)
+        if key == "val_loss":
+            ax.set_yscale("log")
+            # plain numbers on the log axis, and the minor ticks labelled too when it spans less than a decade
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:.3g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(
+                lambda y, _, ax=ax: f"{y:.3g}" if ax.get_ylim()[1] < 10 * ax.get_ylim()[0] else ""))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rank budget (the LoRA rank with the same trainable parameters)")
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     n_seeds = max(e["n"] for e in summary)
