@@ -540,7 +540,7 @@ def test_bf16_autocast_only_in_the_training_forward(monkeypatch):
     """With bf16 forced (on the CPU here), LoRA and GraLoRA train their forward in bfloat16 alike, and both are
     measured alike outside autocast: val loss and pass@1's decoding in float32."""
     preset = train.quick(train.PRESETS["smoke"])
-    preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, bf16=True, n_test=2))
+    preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, bf16=True))
     torch.manual_seed(0)
     base_state = GPT(preset.gpt).state_dict()  # an untrained base does: this is about precision, not skill
     forward = GPT.forward
@@ -590,7 +590,8 @@ def test_sweep_figure_colours_and_scales():
     loss_ax, pass_ax = fig.axes
     assert loss_ax.get_yscale() == "log"  # the diverged lora r=16 does not flatten the rest
     for ax in (loss_ax, pass_ax):
-        colours = {line.get_label(): line.get_color() for line in ax.get_lines() if not line.get_label().startswith("_")}
+        colours = {line.get_label(): line.get_color() for line in ax.get_lines()
+                   if not line.get_label().startswith("_")}  # the reference lines (fft, base)
         for container in ax.containers:  # errorbar lines
             colours[container.get_label()] = container.lines[0].get_color()
         assert set(colours) == set(train.METHOD_COLORS)

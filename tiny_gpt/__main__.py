@@ -81,7 +81,7 @@ def parse_args(argv=None):
                         "pass@1 are computed in float32 either way. Default: auto.")
     parser.add_argument("--quick", action="store_true",
                         help="a check of the preset's code path in seconds, not an experiment: 2 pretraining and "
-                        "2 fine-tuning steps on batches of 2, 32 training and 4 test tasks; the model's shapes, "
+                        "2 fine-tuning steps on batches of 2, 32 training, 4 val and 2 test tasks; the model's shapes, "
                         "learning rates and dtypes stay the preset's. Its numbers mean nothing.")
     return parser, parser.parse_args(argv)
 

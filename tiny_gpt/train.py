@@ -112,10 +112,10 @@ def get_preset(name):
 
 def quick(preset):
     """The same preset cut down to a check of its code path, in seconds: the model's shapes, the recipe's
-    learning rates and the bf16 setting stay; the steps (2 + 2), batches (2) and task counts (4 val and 4 test
+    learning rates and the bf16 setting stay; the steps (2 + 2), batches (2) and task counts (4 val and 2 test
     tasks) shrink. Its numbers mean nothing; `python -m tiny_gpt --quick` and the tests use it."""
     train = dataclasses.replace(preset.train, corpus_programs=200, pretrain_steps=2, pretrain_batch=2,
-                                n_train=32, n_val=4, n_test=4, finetune_steps=2, finetune_batch=2, eval_every=1)
+                                n_train=32, n_val=4, n_test=2, finetune_steps=2, finetune_batch=2, eval_every=1)
     return dataclasses.replace(preset, train=train)
 
 
