@@ -615,7 +615,7 @@ def humaneval_pass_at_1(model, tokenizer, problems, max_new_tokens, batch_size=1
 
 
 SWEEP_PRESETS = {
-    # One GPU (bf16 autocast): about 2 passes over the ~5k training functions at 16 x <=512 tokens.
+    # One GPU (bf16 autocast): about 2 passes over the ~4.3k training functions at 16 x <=512 tokens.
     "gpu": dict(steps=600, batch=16, seq_len=512, lr_adapter=5e-4, lr_fft=2e-5, warmup_frac=0.05, clip=1.0,
                 n_train=None, n_val=None, n_problems=None, max_new_tokens=384, eval_batch=16, gen_batch=32, bf16=True),
     # A seconds-long check of the same code path on the CPU; its numbers mean nothing.
