@@ -5,14 +5,19 @@
 1. torch.compile (TorchInductor) on LoRALinear, GraLoRALinear and Hybrid GraLoRA: the compiled
    model's output and gradients equal eager mode's (float32, tight tolerance). Skipped, with the
    reason, where this platform cannot compile (torch.compile unsupported, or no C++ compiler).
-2. DistributedDataParallel: 2 CPU processes (gloo backend, 127.0.0.1 only, a free port) each
-   take half of every batch of a GraLoRA-wrapped model. After backward, the adapter gradients
+2. DistributedDataParallel: 2 CPU processes (gloo backend on the loopback interface, meeting through a
+   rendezvous file, so no port is chosen and then raced for) each take half of every batch of a
+   GraLoRA-wrapped model. After backward, the adapter gradients
    (averaged across the processes by DDP) equal one process's gradients on the full batch, in
    float64; only adapter factors get gradients; and a few SGD steps land on the same factors.
+   Each worker tears its process group down before it exits (see _ddp_worker): a flaky SIGABRT came from
+   doing that during interpreter exit.
 """
 
 import datetime
+import gc
 import os
+import pathlib
 import socket
 import sys
 import time
@@ -133,23 +138,28 @@ def _train(model, forward, batches, rank=0, world=1):
     return first, sorted(first), gralora.adapter_state_dict(model)
 
 
-def _ddp_worker(rank, world, port, out_dir):
+def _ddp_worker(rank, world, out_dir):
+    """One DDP process. The teardown order matters: DDP sits in a reference cycle and holds the process
+    group, so without the explicit release below the group's C++ side (gloo's threads and pairs, and on
+    rank 0 the rendezvous store's server) is freed by the garbage collector during interpreter exit, after
+    destroy_process_group; that crashed rank 0 now and then with SIGABRT ("terminate called without an
+    active exception"). So: a barrier (no rank tears down while the other still talks to it), then DDP
+    freed, then the group destroyed, all while the interpreter is fully alive."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    store = pathlib.Path(out_dir, "rendezvous").as_uri()  # a file: no free port to pick, nothing to race for
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))
+    ddp = None
     try:
         model = _model()
         ddp = nn.parallel.DistributedDataParallel(model)
         result = _train(model, ddp, _batches(), rank, world)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
+        del ddp
+        gc.collect()  # frees the DDP cycle, and with it DDP's reference to the process group
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _loopback_interface():
@@ -163,7 +173,7 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
     if lo:
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", lo)  # gloo stays on 127.0.0.1, whatever the hostname says
     world = 2
-    ctx = mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False)
+    ctx = mp.spawn(_ddp_worker, args=(world, str(tmp_path)), nprocs=world, join=False)
     deadline = time.monotonic() + 60
     while not ctx.join(timeout=max(deadline - time.monotonic(), 0)):  # False until every worker is done
         if time.monotonic() >= deadline:
