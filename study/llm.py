@@ -791,8 +791,9 @@ def run_measure(args, model, tokenizer, device, log=print):
     log(f"{'kind':>9} {'N':>5} {'max/med RMS: median':>20} {'max (layer)':>14} {'grad top col':>13} "
         f"{'grad @ top RMS':>15} {'1/N':>8}")
     for kind, s in kinds.items():
-        log(f"{kind:>9} {s['N']:>5} {s['rms_ratio_median']:>20.1f} {s['rms_ratio_max']:>8.1f} ({s['rms_ratio_max_layer']:>2}) "
-            f"{s['grad_share_top_median']:>13.4f} {s['grad_share_at_rms_top_median']:>15.4f} {s['uniform_share']:>8.5f}")
+        log(f"{kind:>9} {s['N']:>5} {s['rms_ratio_median']:>20.1f} {s['rms_ratio_max']:>8.1f} "
+            f"({s['rms_ratio_max_layer']:>2}) {s['grad_share_top_median']:>13.4f} "
+            f"{s['grad_share_at_rms_top_median']:>15.4f} {s['uniform_share']:>8.5f}")
 
 
 def run_entangle(args, model, tokenizer, device, log=print):
