@@ -759,7 +759,8 @@ def main(argv=None):
                     "deviation, and a fine-tuning study (LoRA, GraLoRA, Hybrid, FFT) with planted outliers.")
     parser.add_argument("--parts", default="measure,gradients,finetune",
                         help="comma-separated subset of measure, gradients, finetune, lr (compares learning rates "
-                             "from finished study files; runs nothing)")
+                             "from finished study files; runs nothing), figures (redraws the gradient study's figure "
+                             "from its JSON; runs nothing)")
     parser.add_argument("--preset", default="cpu", help="model and training preset from tiny_gpt.train.PRESETS")
     parser.add_argument("--ranks", type=_ints, default=[4, 16, 64], help="LoRA-equivalent ranks, e.g. 4,16,64")
     parser.add_argument("--scales", type=_floats, default=[1.0, 10.0, 100.0], help="planted outlier factors, e.g. 1,10,100 (1 = none)")
@@ -797,10 +798,11 @@ def main(argv=None):
     preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, **overrides))
     device = pick_device()
     parts = args.parts.split(",")
-    unknown = set(parts) - {"measure", "gradients", "finetune", "lr"}
+    unknown = set(parts) - {"measure", "gradients", "finetune", "lr", "figures"}
     if unknown:
-        parser.error(f"unknown --parts {sorted(unknown)}; choose from measure, gradients, finetune, lr")
+        parser.error(f"unknown --parts {sorted(unknown)}; choose from measure, gradients, finetune, lr, figures")
     stem = os.path.splitext(args.out)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     runs = study_grid(args.ranks, args.scales, list(range(args.seeds)), args.methods.split(","))
     # Pretrain (or load the cached base) only when something will run: re-reading a finished study file
     # redraws its table and figure without it.
@@ -851,6 +853,9 @@ def main(argv=None):
         rows = finetune_study(base_state, preset, runs, args.out, args.channel, device, args.max_minutes)
         plot_finetune_study(rows, f"{stem}.png")
         print(finetune_table(rows))
+
+    if "figures" in parts:  # redraw the gradient study's figure from its JSON, computing nothing
+        plot_gradient_study(json.load(open(f"{stem}_gradients.json")), f"{stem}_gradients.png")
 
     if "lr" in parts:
         try:

@@ -361,3 +361,18 @@ def test_load_studies_refuses_missing_lr_and_runs_counted_twice(tmp_path):
         outliers.load_studies([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     with pytest.raises(ValueError, match=r"old.json: a lora row records no lr"):
         outliers.load_studies([str(tmp_path / "old.json")])
+
+
+def test_figures_part_redraws_the_gradient_figure_without_pretraining(tmp_path, monkeypatch):
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("the figures part must not pretrain")
+
+    monkeypatch.setattr(outliers, "pretrain", no_pretraining)
+    rows = [dict(method=method, r=r, k=1 if method == "lora" else 2, seed=seed, outlier_scale=scale, train_steps=steps,
+                 layers="planted", deviation=0.5, deviation_others=0.6, leak_share=0.9, columns_touched=1.0,
+                 columns_swamped=0.3 + 0.01 * seed)
+            for method in ("lora", "gralora") for r in (4, 16) for seed in range(2) for scale in (1.0, 100.0)
+            for steps in (0, 10)]
+    (tmp_path / "s_gradients.json").write_text(json.dumps(rows))
+    outliers.main(["--parts", "figures", "--out", str(tmp_path / "s.json")])
+    assert (tmp_path / "s_gradients.png").stat().st_size > 0
