@@ -30,7 +30,9 @@ import pytest
 import torch
 
 import gralora
+import tiny_gpt.__main__ as cli
 from tiny_gpt import data, train
+from tiny_gpt.__main__ import main
 from tiny_gpt.data import CharTokenizer, make_corpus, make_tasks
 from tiny_gpt.evaluate import complete, passes
 from tiny_gpt.model import GPT, GPTConfig
@@ -385,8 +387,6 @@ def test_table_and_figure(tmp_path):
 
 def run_main(argv, capsys):
     """`python -m tiny_gpt argv` in this process: (exit status, stdout, stderr)."""
-    from tiny_gpt.__main__ import main
-
     try:
         status = main(argv)
     except SystemExit as exit:
@@ -423,8 +423,6 @@ def test_cli_refuses_unavailable_devices(capsys):
 
 def fake_training(monkeypatch, on_finetune=lambda n: None):
     """Replace pretraining and fine-tuning in the CLI by instant fakes that return well-formed rows."""
-    import tiny_gpt.__main__ as cli
-
     calls = []
 
     def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, preset=None, device=None):

@@ -13,7 +13,7 @@ What it measures, at equal rank (same trainable parameters, same matmul FLOPs):
   3. a merged GraLoRALinear vs a plain nn.Linear, forward in inference;
   4. memory autograd keeps for backward, per token, against the predicted latent (k*r values per
      token for GraLoRA, r for LoRA): saved-tensor bytes on every device, peak allocated on CUDA;
-  5. when tiny_gpt/ is importable: a whole fine-tuning step of the tiny GPT (forward, backward,
+  5. a whole fine-tuning step of the tiny GPT (forward, backward,
      gradient clipping, AdamW, as tiny_gpt/train.py does it, on its fine-tuning batches) with LoRA,
      GraLoRA and Hybrid GraLoRA on its four linears per block, as step time and tokens/s.
   6. with --forms alone: GraLoRALinear.adapter as gralora.py writes it (paper Eq. 6 as two einsums)
@@ -38,6 +38,9 @@ import torch
 import torch.nn as nn
 
 import gralora
+from tiny_gpt.data import CharTokenizer
+from tiny_gpt.model import GPT
+from tiny_gpt.train import PRESETS, TARGETS, adapter_spec, collate, encode_tasks, tasks_for
 
 try:
     import peft
@@ -340,13 +343,6 @@ def run_device(device, args, say):
 
 def tiny_gpt_steps(device, args, say):
     """Section 5: fine-tuning step time of the tiny GPT, one model per method, interleaved."""
-    try:
-        from tiny_gpt.data import CharTokenizer
-        from tiny_gpt.model import GPT
-        from tiny_gpt.train import PRESETS, TARGETS, adapter_spec, collate, encode_tasks, tasks_for
-    except ImportError as e:
-        say(f"\n5. tiny GPT fine-tuning step: skipped, tiny_gpt is not importable ({e})")
-        return
     name = args.gpt_preset or ("gpu" if device.type == "cuda" else "cpu")
     preset = PRESETS[name]
     cfg = preset.train

@@ -14,6 +14,8 @@ import torch
 
 import gralora
 from study import llm
+from tiny_gpt.evaluate import passes
+from tiny_gpt.train import adapter_spec
 
 MISSING = llm.missing_setup()
 NEEDS_SETUP = pytest.mark.skipif(bool(MISSING), reason=f"optional set-up missing ({', '.join(MISSING)}); install "
@@ -172,8 +174,6 @@ def test_sweep_plan():
     plan = llm.sweep_plan([16, 32, 64, 128], range(3))
     assert plan[:5] == [("lora", 16, 0), ("gralora", 16, 0), ("hybrid", 16, 0), ("lora", 32, 0), ("gralora", 32, 0)]
     assert len(plan) == 3 * (4 * 2 + 1 + 1) and plan[9] == ("fft", None, 0)
-    from tiny_gpt.train import adapter_spec
-
     assert [adapter_spec(m, r)[1] for m, r, _ in plan[:9] if m != "lora"] == [2, 2, 2, 4, 4]
 
 
@@ -213,8 +213,6 @@ def test_humaneval_harness_passes_the_canonical_solution():
     """pass@1's harness: HumanEval's own solution passes its check(), a wrong body fails."""
     problem = llm.humaneval_problems(1)[0]
     test = problem["test"] + f"\ncheck({problem['entry_point']})\n"
-    from tiny_gpt.evaluate import passes
-
     assert passes(problem["prompt"] + problem["canonical_solution"], test, timeout=10.0)
     assert not passes(problem["prompt"] + "    return None\n", test, timeout=10.0)
     assert llm.cut_at_stop("    return 1\n\ndef other():\n") == "    return 1\n"
