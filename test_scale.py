@@ -10,8 +10,8 @@
    GraLoRA-wrapped model. After backward, the adapter gradients
    (averaged across the processes by DDP) equal one process's gradients on the full batch, in
    float64; only adapter factors get gradients; and a few SGD steps land on the same factors.
-   Each worker tears its process group down before it exits (see _ddp_worker): a flaky SIGABRT came from
-   doing that during interpreter exit.
+   Each worker tears its process group down before it exits (see _ddp_worker): a flaky SIGABRT most likely
+   came from doing that during interpreter exit.
 """
 
 import datetime
@@ -142,8 +142,8 @@ def _ddp_worker(rank, world, out_dir):
     """One DDP process. The teardown order matters: DDP sits in a reference cycle and holds the process
     group, so without the explicit release below the group's C++ side (gloo's threads and pairs, and on
     rank 0 the rendezvous store's server) is freed by the garbage collector during interpreter exit, after
-    destroy_process_group; that crashed rank 0 now and then with SIGABRT ("terminate called without an
-    active exception"). So: a barrier (no rank tears down while the other still talks to it), then DDP
+    destroy_process_group; that is the likely cause (not reproduced here) of rank 0's occasional SIGABRT
+    ("terminate called without an active exception"). So: a barrier (no rank tears down while the other still talks to it), then DDP
     freed, then the group destroyed, all while the interpreter is fully alive."""
     torch.set_num_threads(1)
     store = pathlib.Path(out_dir, "rendezvous").as_uri()  # a file: no free port to pick, nothing to race for
