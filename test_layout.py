@@ -15,6 +15,9 @@ import tokenize
 from pathlib import Path
 
 import pytest
+import torch
+
+import gralora
 
 ROOT = Path(__file__).resolve().parent
 CORE = [ROOT / "gralora.py", *sorted((ROOT / "tiny_gpt").glob("*.py"))]
@@ -43,7 +46,31 @@ def test_core_module_does_not_import_the_study(path):
 
 
 def test_notebook_does_not_import_the_study():
-    assert "study" not in imported_modules(notebook_code())
+    code = notebook_code()
+    assert "study" not in imported_modules(code)
+    assert not re.search(r"import_module\(\s*['\"]study", code), "the notebook imports study/ by name"
+
+
+def test_graloralinear_can_be_lifted_alone():
+    """GraLoRALinear's docstring says which definitions to copy with it; copied alone (with the file's imports),
+    they compute what the module's layer computes."""
+    source = (ROOT / "gralora.py").read_text()
+    names = re.search(r"copy ([\w, ]+) and\s+this class", source).group(1).replace(",", " ").split()
+    tree = ast.parse(source)
+    imports = [ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    parts = [ast.get_source_segment(source, n) for n in tree.body if getattr(n, "name", None) in {*names, "GraLoRALinear"}]
+    assert len(parts) == len(names) + 1, names
+    lifted = {}
+    exec("\n".join(imports + parts), lifted)
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 8, dtype=torch.float64)
+    ours, copy = gralora.GraLoRALinear(base, 4, k=2, hybrid_r=2), lifted["GraLoRALinear"](base, 4, k=2, hybrid_r=2)
+    with torch.no_grad():
+        ours.B.normal_()
+        ours.hybrid_B.normal_()
+    copy.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 12, dtype=torch.float64)
+    assert torch.equal(copy(x), ours(x)) and not torch.equal(copy(x), base(x))
 
 
 def test_gralora_imports_only_torch_and_the_standard_library():

@@ -4,17 +4,15 @@
 
 Every identity the notebook claims is an `assert` inside it, so a run without errors checks them all.
   * the committed notebook: executed top to bottom on the cpu preset, no errors, figures present, no absolute
-    paths of this machine in its outputs;
+    paths of this machine in its outputs (that it imports nothing from study/ is test_layout.py's check);
   * a fresh run on the smoke preset (what CI runs), with the exercises' worked answers appended as cells, so
     every answer passes its own check_... function;
   * the first code cell, run in an empty folder (the notebook opened without the repository), stops with a
     message that says what to fetch and install, instead of an ImportError further down;
-  * the notebook imports nothing from study/ (the core never depends on the study).
 """
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,10 +80,3 @@ def test_first_cell_says_what_to_install_when_the_notebook_is_alone(tmp_path):
     for needed in ["No module named 'gralora'", "clone", "pip install torch numpy matplotlib",
                    "repository's root folder"]:
         assert needed in message, f"the message does not say {needed!r}:\n{message}"
-
-
-def test_notebook_imports_nothing_from_the_study():
-    nb = json.loads(NOTEBOOK.read_text())
-    study_import = re.compile(r"^\s*(from\s+study(\.|\s)|import\s+study\b)|import_module\(\s*['\"]study", re.MULTILINE)
-    offending = [("".join(c["source"])) for c in code_cells(nb) if study_import.search("".join(c["source"]))]
-    assert not offending, f"the notebook imports from study/: {offending}"
