@@ -13,6 +13,7 @@ Every identity the notebook claims is an `assert` inside it, so a run without er
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
