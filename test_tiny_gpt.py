@@ -31,7 +31,7 @@ import torch
 
 import gralora
 import tiny_gpt.__main__ as cli
-from tiny_gpt import data, train
+from tiny_gpt import data, report, train
 from tiny_gpt.__main__ import main
 from tiny_gpt.data import CharTokenizer, make_corpus, make_tasks
 from tiny_gpt.evaluate import complete, passes
@@ -375,9 +375,9 @@ def test_table_and_figure(tmp_path):
                              val_loss=1.0 / rank + 0.01 * seed, pass_at_1=0.05 * rank + 0.01 * seed, seconds=1.0))
         rows.append(dict(method="fft", r=None, k=None, hybrid_r=None, seed=seed, rank_budget=None,
                          trainable_params=10**5, adapter_flops_per_token=0, val_loss=0.1, pass_at_1=0.9, seconds=2.0))
-    table = train.format_table(rows)
+    table = report.format_table(rows)
     assert "±" in table and len(table.splitlines()) == 2 + 5
-    train.plot_sweep(rows, str(tmp_path / "fig.png"))
+    report.plot_sweep(rows, str(tmp_path / "fig.png"))
     assert (tmp_path / "fig.png").stat().st_size > 10_000
 
 
@@ -584,7 +584,7 @@ def test_sweep_figure_colours_and_scales():
                          trainable_params=10**5, adapter_flops_per_token=0, val_loss=loss, pass_at_1=0.5, seconds=2.0))
     import matplotlib.colors
 
-    fig = train.plot_sweep(rows)
+    fig = report.plot_sweep(rows)
     loss_ax, pass_ax = fig.axes
     assert loss_ax.get_yscale() == "log"  # the diverged lora r=16 does not flatten the rest
     for ax in (loss_ax, pass_ax):
@@ -592,10 +592,10 @@ def test_sweep_figure_colours_and_scales():
                    if not line.get_label().startswith("_")}  # the reference lines (fft, base)
         for container in ax.containers:  # errorbar lines
             colours[container.get_label()] = container.lines[0].get_color()
-        assert set(colours) == set(train.METHOD_COLORS)
+        assert set(colours) == set(report.METHOD_COLORS)
         for method, colour in colours.items():
-            assert matplotlib.colors.same_color(colour, train.METHOD_COLORS[method]), method
+            assert matplotlib.colors.same_color(colour, report.METHOD_COLORS[method]), method
     pass_lines = [c.lines[0] for c in pass_ax.containers]
     assert all(list(line.get_ydata()) == [25.0] * len(line.get_ydata()) for line in pass_lines)  # percent
-    assert len(set(train.METHOD_COLORS.values())) == len(train.METHOD_COLORS) and set(train.METHOD_COLORS) == set(
+    assert len(set(report.METHOD_COLORS.values())) == len(report.METHOD_COLORS) and set(report.METHOD_COLORS) == set(
         train.METHODS)

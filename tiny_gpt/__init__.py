@@ -18,8 +18,8 @@ In a notebook:
 from .data import CharTokenizer, make_corpus, make_tasks
 from .evaluate import complete, pass_at_1, passes
 from .model import GPT, GPTConfig
-from .train import (METHOD_COLORS, METHODS, PRESETS, Preset, TrainConfig, adapter_spec, finetune, format_table,
-                    pick_device, plot_sweep, pretrain, quick, summarize, tasks_for, write_json)
+from .report import METHOD_COLORS, format_table, plot_sweep, summarize
+from .train import METHODS, PRESETS, Preset, TrainConfig, adapter_spec, finetune, pick_device, pretrain, quick, tasks_for, write_json
 
 __all__ = ["CharTokenizer", "make_corpus", "make_tasks", "complete", "pass_at_1", "passes", "GPT", "GPTConfig",
            "METHOD_COLORS", "METHODS", "PRESETS", "Preset", "TrainConfig", "adapter_spec", "finetune", "format_table",

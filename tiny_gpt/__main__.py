@@ -20,8 +20,8 @@ import json
 import os
 import sys
 
-from .train import (METHODS, PRESETS, adapter_spec, finetune, format_table, parse_device, pick_device, plot_sweep,
-                    positive_float, pretrain, print_now, quick, write_json)
+from .report import format_table, plot_sweep
+from .train import (METHODS, PRESETS, finetune, parse_device, pick_device, plan_runs, positive_float, pretrain, print_now, quick, write_json)
 
 
 class Parser(argparse.ArgumentParser):
@@ -164,26 +164,6 @@ class RowWriter:
             return None
 
 
-def plan_runs(methods, ranks, ks, hybrid_r, hybrid_max_r, seeds, width):
-    """Every run as (method, rank, k, hybrid_r, seed), validated before any training starts.
-
-    base runs once (it has no seed); fft once per seed (it has no rank); the adapter methods once per rank,
-    k and seed. Raises ValueError on any impossible combination, naming the numbers.
-    """
-    runs = [("base", None, None, None, None)] if "base" in methods else []
-    for seed in seeds:
-        if "fft" in methods:
-            runs.append(("fft", None, None, None, seed))
-        for rank in ranks:
-            for method in ("lora", "gralora", "hybrid"):
-                if method not in methods or (method == "hybrid" and rank > hybrid_max_r):
-                    continue
-                for k in [None] if method == "lora" or ks is None else ks:
-                    adapter_spec(method, rank, k, hybrid_r, width)  # raises ValueError if impossible
-                    runs.append((method, rank, k, hybrid_r if method == "hybrid" else None, seed))
-    return runs
-
-
 def main(argv=None):
     parser, args = parse_args(argv)
     device = args.device or pick_device()
@@ -195,7 +175,7 @@ def main(argv=None):
     ranks = args.ranks or preset.ranks
     seeds = args.seeds if args.seeds is not None else preset.seeds
     try:
-        runs = plan_runs(args.methods, ranks, args.k, args.hybrid_r, args.hybrid_max_r, seeds, preset.gpt.n_embd)
+        runs = plan_runs(args.methods, ranks, seeds, args.k, args.hybrid_r, args.hybrid_max_r, preset.gpt.n_embd)
     except ValueError as err:
         parser.error(str(err))
     sweep = len(set(ranks)) > 1 or len(set(seeds)) > 1 or len(args.k or []) > 1
