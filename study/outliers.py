@@ -59,14 +59,15 @@ from gralora import AdapterLinear, GraLoRALinear, LoRALinear
 from tiny_gpt.data import CharTokenizer, make_corpus
 from tiny_gpt.model import GPT
 from tiny_gpt.report import METHOD_COLORS, mean_std
-from tiny_gpt.train import (TARGETS, adapter_spec, collate, encode_tasks, finetune, get_preset,
-                            pick_device, positive_float, pretrain, tasks_for, write_json)
+from tiny_gpt.train import (TARGETS, adapter_spec, collate, encode_tasks, finetune, get_preset, pick_device,
+                            plan_runs, pretrain, tasks_for, write_json)
 
-# The Linear layers adapters go on (DESIGN.md), named as in GPT-2, and the LayerNorm that feeds each of the
-# two that read a LayerNorm's output directly. Only those two can get a function-preserving planted outlier:
-# attn.c_proj reads the attention output and mlp.c_proj reads GELU(c_fc(x)), and GELU(a z) != a GELU(z).
+# The Linear layers adapters go on, named as in GPT-2, and the LayerNorm that feeds each of the two that read a
+# LayerNorm's output directly. Only those two can get a function-preserving planted outlier: attn.c_proj reads
+# the attention output and mlp.c_proj reads GELU(c_fc(x)), and GELU(a z) != a GELU(z).
 ADAPTED = tuple(TARGETS)  # the core's list: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
 FED_BY = {"attn.c_attn": "ln_1", "mlp.c_fc": "ln_2"}
+LAYER_GROUPS = {"planted": tuple(FED_BY), "control": ("attn.c_proj", "mlp.c_proj")}  # gradient_study's averages
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -368,42 +369,43 @@ def planted_state(base_state, gpt_cfg, scale, channel=0):
 
 def gradient_study(base_state, gpt_cfg, batches, ranks, scales, seeds, channel=0, train_steps=(0,), lr=1e-2,
                    log=print):
-    """gradient_deviation over methods x ranks x outlier scales x seeds x adapter states.
+    """gradient_deviation over outlier scales x adapter states x ranks x methods x seeds.
 
-    The adapter state is the init (train_steps = 0, B = 0) or after a few AdamW steps (B != 0). Each row
-    averages the layers the outlier is planted in (every attn.c_attn and mlp.c_fc), and separately the
-    others (attn.c_proj, mlp.c_proj: no outlier, a control).
+    The adapter state is the init (train_steps = 0, B = 0) or after a few AdamW steps (B != 0). Each
+    configuration gives two rows: the mean over the layers the outlier is planted in (every attn.c_attn and
+    mlp.c_fc, layers="planted"), and the mean over the others (attn.c_proj, mlp.c_proj: no outlier, a control).
     """
-
-    rows = []
-    for scale in scales:
-        base = GPT(gpt_cfg)
-        base.load_state_dict(planted_state(base_state, gpt_cfg, scale, channel))
-        for steps in train_steps:
-            for rank in ranks:
-                for method in ("lora", "gralora"):
-                    r, k, hybrid_r = adapter_spec(method, rank, width=gpt_cfg.n_embd)
-                    for seed in seeds:
-                        start = time.time()
-                        per_layer = gradient_deviation(base, batches[: steps] + batches[-1:], method, r, k, hybrid_r,
-                                                       seed, channel, train_steps=steps, lr=lr)
-                        for group, suffixes in (("planted", tuple(FED_BY)), ("control", ("attn.c_proj", "mlp.c_proj"))):
-                            chosen = [row for row in per_layer if row["layer"].endswith(suffixes)]
-                            row = dict(method=method, r=r, k=k, seed=seed, outlier_scale=scale, train_steps=steps,
-                                       layers=group)
-                            for key in ("deviation", "deviation_others", "leak_share", "columns_touched",
-                                        "columns_swamped"):
-                                row[key] = statistics.fmean(x[key] for x in chosen)
-                            rows.append(row)
-                        log(f"gradients x{scale:g} steps={steps} {method} r={r} k={k} seed={seed}: "
-                            f"deviation {rows[-2]['deviation']:.3f}, others {rows[-2]['deviation_others']:.3f}, "
-                            f"swamped {rows[-2]['columns_swamped']:.2f} ({time.time() - start:.1f}s)")
+    rows, bases = [], {}
+    for scale, steps, rank, method, seed in itertools.product(scales, train_steps, ranks, ("lora", "gralora"), seeds):
+        if scale not in bases:
+            bases[scale] = GPT(gpt_cfg)
+            bases[scale].load_state_dict(planted_state(base_state, gpt_cfg, scale, channel))
+        r, k, hybrid_r = adapter_spec(method, rank, width=gpt_cfg.n_embd)
+        start = time.time()
+        per_layer = gradient_deviation(bases[scale], batches[:steps] + batches[-1:], method, r, k, hybrid_r, seed,
+                                       channel, train_steps=steps, lr=lr)
+        config = dict(method=method, r=r, k=k, seed=seed, outlier_scale=scale, train_steps=steps)
+        planted, control = (layer_group_mean(per_layer, group, config) for group in LAYER_GROUPS)
+        rows += [planted, control]
+        log(f"gradients x{scale:g} steps={steps} {method} r={r} k={k} seed={seed}: deviation "
+            f"{planted['deviation']:.3f}, others {planted['deviation_others']:.3f}, "
+            f"swamped {planted['columns_swamped']:.2f} ({time.time() - start:.1f}s)")
     return rows
+
+
+def layer_group_mean(per_layer, group, config):
+    """One gradient_study row: `config`, then each measure of gradient_deviation averaged over the layers of
+    LAYER_GROUPS[group]."""
+    chosen = [row for row in per_layer if row["layer"].endswith(LAYER_GROUPS[group])]
+    row = dict(config, layers=group)
+    for key in ("deviation", "deviation_others", "leak_share", "columns_touched", "columns_swamped"):
+        row[key] = statistics.fmean(x[key] for x in chosen)
+    return row
 
 
 def group_stats(rows, keys, values):
     """Group rows by `keys`; for each value: mean, std and SE over the group, and n. Returns a list of flat
-    dicts (value, value_std, value_se). (tiny_gpt.train.summarize is the sweep table's fixed grouping.)"""
+    dicts (value, value_std, value_se). (tiny_gpt.report.summarize is the sweep table's fixed grouping.)"""
     groups = {}
     for row in rows:
         groups.setdefault(tuple(row[key] for key in keys), []).append(row)
@@ -432,23 +434,21 @@ def plot_gradient_study(rows, path):
     states = sorted({row["train_steps"] for row in rows})
     fig, axes = plt.subplots(len(states), len(panels), figsize=(4.2 * len(panels), 3.3 * len(states)), squeeze=False)
     scales = sorted({row["outlier_scale"] for row in rows})
-    for si, steps in enumerate(states):
-        summary = group_stats([row for row in rows if row["train_steps"] == steps],
-                              ("method", "outlier_scale", "r"), [p for p, _ in panels])
-        for pi, (value, title) in enumerate(panels):
-            ax = axes[si][pi]
-            for method in ("lora", "gralora"):
-                for scale, style in zip(scales, itertools.cycle(("--", "-", ":"))):
-                    pts = sorted((e["r"], e[value], e[value + "_std"]) for e in summary
-                                 if e["method"] == method and e["outlier_scale"] == scale)
-                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], ls=style,
-                                marker="o", ms=3, capsize=2, color=METHOD_COLORS[method],
-                                label=f"{method}, outlier x{scale:g}")
-            ax.set_xscale("log", base=2)
-            state = f"adapters after {steps} AdamW steps" if steps else "adapters at init (B = 0)"
-            ax.set(xlabel="rank r", title=f"{title}\n{state}")
-            if si == 0 and pi == 0:
-                ax.legend(fontsize=7)
+    summaries = {steps: group_stats([row for row in rows if row["train_steps"] == steps],
+                                    ("method", "outlier_scale", "r"), [p for p, _ in panels]) for steps in states}
+    styles = dict(zip(scales, itertools.cycle(("--", "-", ":"))))
+    for (si, steps), (pi, (value, title)) in itertools.product(enumerate(states), enumerate(panels)):
+        ax = axes[si][pi]
+        for method, scale in itertools.product(("lora", "gralora"), scales):
+            pts = sorted((e["r"], e[value], e[value + "_std"]) for e in summaries[steps]
+                         if e["method"] == method and e["outlier_scale"] == scale)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], ls=styles[scale],
+                        marker="o", ms=3, capsize=2, color=METHOD_COLORS[method], label=f"{method}, outlier x{scale:g}")
+        ax.set_xscale("log", base=2)
+        state = f"adapters after {steps} AdamW steps" if steps else "adapters at init (B = 0)"
+        ax.set(xlabel="rank r", title=f"{title}\n{state}")
+        if si == 0 and pi == 0:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -479,40 +479,45 @@ def completion_loss_se(model, examples, device, batch_size=64):
     return L, se
 
 
-def study_grid(ranks, scales, seeds, methods=("lora", "gralora", "fft", "hybrid")):
-    """(method, rank, outlier_scale, seed) runs in priority order, so a run cut short by its time budget has
-    finished the most important comparisons first:
-      1. LoRA vs GraLoRA at the smallest and largest rank, without and with the largest outlier;
-      2. FFT at those scales (rank-free);
-      3. the middle ranks at those scales, then the middle scales at every rank;
-      4. Hybrid (at ranks up to the middle one: the paper uses it at small r).
+STUDY_METHODS = ("lora", "gralora", "fft", "hybrid")
+
+
+def plan_study(methods, ranks, scales, seeds, width=None):
+    """Every fine-tuning run of the study as (method, rank, outlier_scale, seed), most important first.
+
+    The runs are tiny_gpt.train.plan_runs' at every outlier scale, so they are checked the same way before
+    anything trains (a ValueError names an impossible rank for the model `width`), and Hybrid runs at
+    ranks up to 16 only, as the paper uses it. FFT has no rank (None). Sorted by `priority`.
     """
-    lo, hi = min(ranks), max(ranks)
-    s_lo, s_hi = min(scales), max(scales)
-    mid_r = sorted(ranks)[len(ranks) // 2]
-    runs = []
+    runs = [(method, rank, scale, seed)
+            for (method, rank, _, _, seed), scale in itertools.product(plan_runs(methods, ranks, seeds, width=width),
+                                                                       scales)]
+    return sorted(runs, key=priority(ranks, scales))
 
-    def add(method, rank, scale):
-        for seed in seeds:
-            key = (method, None if method == "fft" else rank, scale, seed)
-            if method in methods and key not in runs:
-                runs.append(key)
 
-    for scale in (s_lo, s_hi):
-        for rank in (lo, hi):
-            for method in ("lora", "gralora"):
-                add(method, rank, scale)
-    for scale in (s_lo, s_hi):
-        add("fft", None, scale)
-    for scale in (s_hi, s_lo) + tuple(sorted(set(scales) - {s_lo, s_hi})):
-        for rank in sorted(ranks, key=lambda r: (r in (lo, hi), -r)):
-            for method in ("lora", "gralora"):
-                add(method, rank, scale)
-        add("fft", None, scale)
-    for scale in sorted(scales):
-        for rank in sorted(r for r in ranks if r <= mid_r):
-            add("hybrid", rank, scale)
-    return runs
+def priority(ranks, scales):
+    """Sort key of study runs, so that a study stopped by its time budget has the most telling comparisons:
+      0. LoRA and GraLoRA at the smallest and largest rank, without and with the largest outlier;
+      1. FFT at those two outlier scales;
+      2. LoRA and GraLoRA at the other ranks, at those two scales;
+      3. the other outlier scales (LoRA, GraLoRA and FFT);
+      4. Hybrid.
+    Within a tier: by outlier scale, rank, method (as in STUDY_METHODS), then seed."""
+    end_ranks, end_scales = {min(ranks), max(ranks)}, {min(scales), max(scales)}
+
+    def key(run):
+        method, rank, scale, seed = run
+        if method == "hybrid":
+            tier = 4
+        elif scale not in end_scales:
+            tier = 3
+        elif method == "fft":
+            tier = 1
+        else:
+            tier = 0 if rank in end_ranks else 2
+        return tier, scale, rank or 0, STUDY_METHODS.index(method), seed
+
+    return key
 
 
 def pending_runs(runs, out_path):
@@ -650,6 +655,8 @@ def load_studies(paths):
     that ran the same configuration), which would silently count a run twice."""
     rows, seen = [], {}
     for path in paths:
+        if not os.path.exists(path):
+            raise ValueError(f"no study file {path}")
         for row in json.load(open(path)):
             if "lr" not in row:
                 raise ValueError(f"{path}: a {row['method']} row records no lr; add the rate it was trained with")
@@ -659,6 +666,9 @@ def load_studies(paths):
             seen[key] = path
             rows.append(row)
     return rows
+
+
+PANELS = (("val_loss", "val loss"), ("pass_at_1", "pass@1 % (held-out)"))  # the two rows of the study figures
 
 
 def plot_lr_comparison(rows, path):
@@ -678,23 +688,21 @@ def plot_lr_comparison(rows, path):
     if not ranks:
         raise ValueError(f"no rank ran at more than one learning rate (rates found: {lrs})")
     fig, axes = plt.subplots(2, len(ranks), figsize=(4.6 * len(ranks), 6.4), squeeze=False)
-    for col, rank in enumerate(ranks):
-        for row_i, (value, name) in enumerate((("val_loss", "val loss"), ("pass_at_1", "pass@1 % (held-out)"))):
-            ax, unit = axes[row_i][col], 100 if value == "pass_at_1" else 1
-            for method in ("lora", "gralora"):
-                color = METHOD_COLORS[method]
-                for lr, style in zip(lrs, itertools.cycle(("-", "--", ":", "-."))):
-                    pts = sorted((e["outlier_scale"], unit * e[value], unit * e[value + "_std"]) for e in summary
-                                 if (e["method"], e["lr"], e["rank_budget"]) == (method, lr, rank))
-                    if pts:
-                        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                                    ms=4, capsize=3, color=color, ls=style, label=f"{method} lr={lr:g}")
-            ax.set_xscale("log")
-            low, high = ax.get_ylim()
-            if value == "val_loss" and high > 5 * max(low, 1e-3):  # diverged runs: a log axis keeps the rest visible
-                ax.set_yscale("log")
-            ax.set(xlabel="planted outlier factor", ylabel=name if col == 0 else None,
-                   title=f"rank {rank}" if row_i == 0 else None)
+    styles = dict(zip(lrs, itertools.cycle(("-", "--", ":", "-."))))
+    for (col, rank), (row_i, (value, name)) in itertools.product(enumerate(ranks), enumerate(PANELS)):
+        ax, unit = axes[row_i][col], 100 if value == "pass_at_1" else 1
+        for method, lr in itertools.product(("lora", "gralora"), lrs):
+            pts = sorted((e["outlier_scale"], unit * e[value], unit * e[value + "_std"]) for e in summary
+                         if (e["method"], e["lr"], e["rank_budget"]) == (method, lr, rank))
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=4,
+                            capsize=3, color=METHOD_COLORS[method], ls=styles[lr], label=f"{method} lr={lr:g}")
+        ax.set_xscale("log")
+        low, high = ax.get_ylim()
+        if value == "val_loss" and high > 5 * max(low, 1e-3):  # diverged runs: a log axis keeps the rest visible
+            ax.set_yscale("log")
+        ax.set(xlabel="planted outlier factor", ylabel=name if col == 0 else None,
+               title=f"rank {rank}" if row_i == 0 else None)
     axes[0][-1].legend(fontsize=7, handlelength=3.5)
     fig.suptitle("Does GraLoRA's edge under outliers survive a smaller learning rate? (mean +- std over seeds)",
                  fontsize=10)
@@ -712,27 +720,27 @@ def plot_finetune_study(rows, path):
     scales = sorted({row["outlier_scale"] for row in rows})
     summary = group_stats(rows, ("method", "rank_budget", "outlier_scale"), ["val_loss", "pass_at_1"])
     fig, axes = plt.subplots(2, len(scales), figsize=(4.2 * len(scales), 6.4), squeeze=False, sharey="row")
-    for col, scale in enumerate(scales):
-        for row_i, (value, name) in enumerate((("val_loss", "val loss"), ("pass_at_1", "pass@1 % (held-out)"))):
-            ax, unit = axes[row_i][col], 100 if value == "pass_at_1" else 1
-            for method in ("lora", "gralora", "hybrid"):
-                pts = sorted((e["rank_budget"], unit * e[value], unit * e[value + "_std"], e["n"]) for e in summary
-                             if e["method"] == method and e["outlier_scale"] == scale)
-                if pts:
-                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                                ms=4, capsize=3, color=METHOD_COLORS[method], label=f"{method} (n={pts[0][3]})")
-            for e in summary:
-                if e["method"] == "fft" and e["outlier_scale"] == scale:
-                    mean, std = unit * e[value], unit * e[value + "_std"]
-                    ax.axhline(mean, color=METHOD_COLORS["fft"], ls=":", label=f"fft (n={e['n']})")
-                    ax.axhspan(mean - std, mean + std, color=METHOD_COLORS["fft"], alpha=0.08)
-            ax.set_xscale("log", base=2)
-            if value == "val_loss" and max(e["val_loss"] for e in summary) > 5 * min(e["val_loss"] for e in summary):
-                ax.set_yscale("log")  # diverged runs: a log axis keeps the others apart
-            ax.set(xlabel="rank (LoRA-equivalent budget)", ylabel=name if col == 0 else None,
-                   title=f"planted outlier x{scale:g}" if row_i == 0 else None)
-            if row_i == 0 and col == 0:
-                ax.legend(fontsize=7)
+    diverged = max(e["val_loss"] for e in summary) > 5 * min(e["val_loss"] for e in summary)
+    for (col, scale), (row_i, (value, name)) in itertools.product(enumerate(scales), enumerate(PANELS)):
+        ax, unit = axes[row_i][col], 100 if value == "pass_at_1" else 1
+        for method in ("lora", "gralora", "hybrid"):
+            pts = sorted((e["rank_budget"], unit * e[value], unit * e[value + "_std"], e["n"]) for e in summary
+                         if e["method"] == method and e["outlier_scale"] == scale)
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                            ms=4, capsize=3, color=METHOD_COLORS[method], label=f"{method} (n={pts[0][3]})")
+        for e in summary:
+            if e["method"] == "fft" and e["outlier_scale"] == scale:
+                mean, std = unit * e[value], unit * e[value + "_std"]
+                ax.axhline(mean, color=METHOD_COLORS["fft"], ls=":", label=f"fft (n={e['n']})")
+                ax.axhspan(mean - std, mean + std, color=METHOD_COLORS["fft"], alpha=0.08)
+        ax.set_xscale("log", base=2)
+        if value == "val_loss" and diverged:
+            ax.set_yscale("log")  # diverged runs: a log axis keeps the others apart
+        ax.set(xlabel="rank (LoRA-equivalent budget)", ylabel=name if col == 0 else None,
+               title=f"planted outlier x{scale:g}" if row_i == 0 else None)
+        if row_i == 0 and col == 0:
+            ax.legend(fontsize=7)
     fig.suptitle("Fine-tuning the tiny GPT with a planted outlier channel (mean +- std over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -744,123 +752,149 @@ def plot_finetune_study(rows, path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _ints(text):
-    return [int(x) for x in text.split(",") if x]
+PARTS = ("measure", "gradients", "finetune", "lr", "figures")
 
 
-def _floats(text):
-    return [float(x) for x in text.split(",") if x]
-
-
-def main(argv=None):
-
+def build_parser():
+    """The command line. Every list is space-separated (`--seeds 0 1 2 3 4`), as in `python -m tiny_gpt`."""
     parser = argparse.ArgumentParser(
         prog="python -m study.outliers",
         description="Outlier channels and gradient entanglement on the tiny GPT: measure, plant, gradient "
                     "deviation, and a fine-tuning study (LoRA, GraLoRA, Hybrid, FFT) with planted outliers.")
-    parser.add_argument("--parts", default="measure,gradients,finetune",
-                        help="comma-separated subset of measure, gradients, finetune, lr (compares learning rates "
-                             "from finished study files; runs nothing), figures (redraws the gradient study's figure "
-                             "from its JSON; runs nothing)")
-    parser.add_argument("--preset", default="cpu", help="model and training preset from tiny_gpt.train.PRESETS")
-    parser.add_argument("--ranks", type=_ints, default=[4, 16, 64], help="LoRA-equivalent ranks, e.g. 4,16,64")
-    parser.add_argument("--scales", type=_floats, default=[1.0, 10.0, 100.0], help="planted outlier factors, e.g. 1,10,100 (1 = none)")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds per configuration (0..seeds-1)")
-    parser.add_argument("--channel", type=int, default=0, help="the input channel that gets the outlier")
-    parser.add_argument("--methods", default="lora,gralora,fft,hybrid", help="fine-tuning methods to run")
-    parser.add_argument("--finetune-steps", type=int, default=100,
-                        help="fine-tuning steps (the cpu preset's 150 do not fit the study in 30 minutes)")
-    parser.add_argument("--n-test", type=int, default=None, help="override the preset's held-out task count")
-    parser.add_argument("--n-val", type=int, default=None, help="override the preset's validation task count")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="stop starting fine-tuning runs after this long (the grid is in priority order)")
-    parser.add_argument("--lr-adapter", type=positive_float, default=None,
-                        help="adapter peak learning rate (default: the preset's); give each rate its own --out")
-    parser.add_argument("--compare", default="",
-                        help="lr part: comma-separated study files (other --lr-adapter runs) to compare with --out")
-    parser.add_argument("--grad-ranks", type=_ints, default=[4, 16, 64], help="ranks of the gradient study")
-    parser.add_argument("--grad-scales", type=_floats, default=[1.0, 100.0],
-                        help="outlier factors of the gradient study")
-    parser.add_argument("--grad-batch", type=int, default=8, help="tasks per batch in the gradient study")
-    parser.add_argument("--grad-steps", type=_ints, default=[0, 10],
-                        help="adapter states of the gradient study: AdamW steps before measuring (0 = init)")
-    parser.add_argument("--grad-seeds", type=int, default=5, help="seeds of the gradient study")
-    parser.add_argument("--out", default="study/results/outliers.json",
-                        help="fine-tuning rows; the other parts write outliers_<part>.json/.png beside it")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add = parser.add_argument
+    add("--parts", nargs="+", choices=PARTS, default=["measure", "gradients", "finetune"],
+        help="what to run: measure, gradients, finetune; lr compares learning rates from finished study files and "
+             "figures redraws the gradient study's figure and table from its JSON (these two train nothing)")
+    add("--preset", default="cpu", help="model and training preset from tiny_gpt.train.PRESETS")
+    add("--ranks", nargs="+", type=int, default=[4, 16, 64], help="LoRA-equivalent ranks (Hybrid: up to 16)")
+    add("--scales", nargs="+", type=float, default=[1.0, 10.0, 100.0], help="planted outlier factors (1 = none)")
+    add("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="fine-tuning seeds")
+    add("--channel", type=int, default=0, help="the input channel that gets the outlier")
+    add("--methods", nargs="+", choices=STUDY_METHODS, default=list(STUDY_METHODS), help="fine-tuning methods")
+    add("--finetune-steps", type=int, default=100,
+        help="fine-tuning steps (the cpu preset's 150 do not fit the study in 30 minutes)")
+    add("--n-test", type=int, default=None, help="override the preset's held-out task count")
+    add("--n-val", type=int, default=None, help="override the preset's validation task count")
+    add("--max-minutes", type=float, default=None,
+        help="stop starting fine-tuning runs after this long (the runs go in priority order)")
+    add("--lr-adapter", type=float, default=None,
+        help="adapter peak learning rate (default: the preset's); give each rate its own --out")
+    add("--compare", nargs="+", default=[], help="lr part: study files (other --lr-adapter runs) to compare with --out")
+    add("--grad-ranks", nargs="+", type=int, default=[4, 16, 64], help="ranks of the gradient study")
+    add("--grad-scales", nargs="+", type=float, default=[1.0, 100.0], help="outlier factors of the gradient study")
+    add("--grad-batch", type=int, default=8, help="tasks per batch in the gradient study")
+    add("--grad-steps", nargs="+", type=int, default=[0, 10],
+        help="adapter states of the gradient study: AdamW steps before measuring (0 = init)")
+    add("--grad-seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds of the gradient study")
+    add("--out", default="study/results/outliers.json",
+        help="fine-tuning rows; the other parts write outliers_<part>.json/.png beside it")
+    add("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return parser
 
+
+def check_args(args, width):
+    """The numbers argparse's types do not check, refused before anything trains: a ValueError naming them.
+    `width` is the model's n_embd, the input width of the layers that get the outlier."""
+    if not 0 <= args.channel < width:
+        raise ValueError(f"--channel must be in [0, {width}) for this preset (n_embd={width}), got {args.channel}")
+    for flag in ("scales", "grad_scales"):
+        bad = [x for x in getattr(args, flag) if not 0 < x < math.inf]
+        if bad:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive finite numbers, got {bad}")
+    if args.lr_adapter is not None and not 0 < args.lr_adapter < math.inf:
+        raise ValueError(f"--lr-adapter must be a positive finite number, got {args.lr_adapter}")
+    bad = [x for x in args.grad_steps if x < 0]
+    if bad:
+        raise ValueError(f"--grad-steps must be 0 or more, got {bad}")
+
+
+def study_preset(args):
+    """The preset named by --preset, with the study's overrides of its training config."""
     preset = get_preset(args.preset)
     overrides = {name: value for name, value in (("finetune_steps", args.finetune_steps), ("n_test", args.n_test),
                                                  ("n_val", args.n_val), ("lr_adapter", args.lr_adapter))
                  if value is not None}
-    preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, **overrides))
-    device = pick_device()
-    parts = args.parts.split(",")
-    unknown = set(parts) - {"measure", "gradients", "finetune", "lr", "figures"}
-    if unknown:
-        parser.error(f"unknown --parts {sorted(unknown)}; choose from measure, gradients, finetune, lr, figures")
-    stem = os.path.splitext(args.out)[0]
+    return dataclasses.replace(preset, train=dataclasses.replace(preset.train, **overrides))
+
+
+def measure_part(base_state, preset, scale, channel, stem):
+    """Channel RMS of every adapted layer before and after planting `scale`: JSON, figure, printed table."""
+    tokenizer = CharTokenizer()
+    model = GPT(preset.gpt)
+    model.load_state_dict(base_state)
+    corpus = torch.tensor(tokenizer.encode(make_corpus(preset.train.data_seed + 1, 200)))
+    T = preset.gpt.block_size
+    idx = corpus[: (len(corpus) // T) * T].view(-1, T)[:16]  # (16, T): unseen programs
+    before = channel_rms(model, idx)
+    plant_outliers(model, scale, channel)
+    after = channel_rms(model, idx)
+    out = {"scale": scale, "channel": channel, "base": rms_summary(before), "planted": rms_summary(after)}
+    write_json(f"{stem}_rms.json", out)
+    plot_channel_rms(before, after, plantable_layers(model)[-1], f"{stem}_rms.png")
+    print(f"{'layer':<30}{'max/median base':>16}{'planted':>10}")
+    for name in before:
+        print(f"{name:<30}{out['base'][name]['ratio']:>16.2f}{out['planted'][name]['ratio']:>10.2f}")
+
+
+def gradients_part(base_state, preset, args, stem, device):
+    """The gradient study on the first fine-tuning batches: JSON, figure, printed table."""
+    examples = encode_tasks(tasks_for(preset.train).train, CharTokenizer())
+    B = args.grad_batch
+    batches = [collate(examples[i * B:(i + 1) * B], device) for i in range(max(args.grad_steps) + 1)]
+    rows = gradient_study(base_state, preset.gpt, batches, args.grad_ranks, args.grad_scales, args.grad_seeds,
+                          args.channel, tuple(args.grad_steps), lr=preset.train.lr_adapter)
+    write_json(f"{stem}_gradients.json", rows)
+    plot_gradient_study(rows, f"{stem}_gradients.png")
+    print(gradient_table(rows))
+
+
+def gradient_table(rows):
+    """The gradient study's table: the planted layers' measures, mean +- std over seeds, per configuration."""
+    keys = ("train_steps", "outlier_scale", "r", "method")
+    lines = [f"{'steps':>5}{'outlier':>8}{'r':>4} {'method':<8} deviation (all cols)  (other cols)    "
+             f"swamped share    [planted layers, mean+-std over seeds]"]
+    summary = group_stats([row for row in rows if row["layers"] == "planted"], keys,
+                          ["deviation", "deviation_others", "columns_swamped"])
+    for e in sorted(summary, key=lambda e: tuple(e[key] for key in keys)):
+        lines.append(f"{e['train_steps']:>5}{'x%g' % e['outlier_scale']:>8}{e['r']:>4} {e['method']:<8} "
+                     f"{e['deviation']:.3f}+-{e['deviation_std']:.3f}      {e['deviation_others']:.3f}+-"
+                     f"{e['deviation_others_std']:.3f}    {e['columns_swamped']:.3f}+-{e['columns_swamped_std']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        preset = study_preset(args)
+        check_args(args, preset.gpt.n_embd)
+        runs = plan_study(args.methods, args.ranks, args.scales, args.seeds, width=preset.gpt.n_embd)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, stem = pick_device(), os.path.splitext(args.out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    runs = study_grid(args.ranks, args.scales, list(range(args.seeds)), args.methods.split(","))
     # Pretrain (or load the cached base) only when something will run: re-reading a finished study file
     # redraws its table and figure without it.
-    if {"measure", "gradients"} & set(parts) or ("finetune" in parts and pending_runs(runs, args.out)):
+    base_state = None
+    if {"measure", "gradients"} & set(args.parts) or ("finetune" in args.parts and pending_runs(runs, args.out)):
         base_state, _ = pretrain(preset.gpt, preset.train, device)
-    else:
-        base_state = None
-    tokenizer = CharTokenizer()
-
-    if "measure" in parts:
-        model = GPT(preset.gpt)
-        model.load_state_dict(base_state)
-        corpus = torch.tensor(tokenizer.encode(make_corpus(preset.train.data_seed + 1, 200)))
-        T = preset.gpt.block_size
-        idx = corpus[: (len(corpus) // T) * T].view(-1, T)[:16]  # (16, T): unseen programs
-        before = channel_rms(model, idx)
-        plant_outliers(model, max(args.scales), args.channel)
-        after = channel_rms(model, idx)
-        out = {"scale": max(args.scales), "channel": args.channel,
-               "base": rms_summary(before), "planted": rms_summary(after)}
-        write_json(f"{stem}_rms.json", out)
-        layer = plantable_layers(model)[-1]
-        plot_channel_rms(before, after, layer, f"{stem}_rms.png")
-        print(f"{'layer':<30}{'max/median base':>16}{'planted':>10}")
-        for name in before:
-            print(f"{name:<30}{out['base'][name]['ratio']:>16.2f}{out['planted'][name]['ratio']:>10.2f}")
-
-    if "gradients" in parts:
-        examples = encode_tasks(tasks_for(preset.train).train, tokenizer)
-        B = args.grad_batch
-        batches = [collate(examples[i * B:(i + 1) * B], device) for i in range(max(args.grad_steps) + 1)]
-        rows = gradient_study(base_state, preset.gpt, batches, args.grad_ranks, args.grad_scales,
-                              list(range(args.grad_seeds)), args.channel, tuple(args.grad_steps),
-                              lr=preset.train.lr_adapter)
-        write_json(f"{stem}_gradients.json", rows)
-        plot_gradient_study(rows, f"{stem}_gradients.png")
-        keys = ("train_steps", "outlier_scale", "r", "method")
-        print(f"{'steps':>5}{'outlier':>8}{'r':>4} {'method':<8} deviation (all cols)  (other cols)    "
-              f"swamped share    [planted layers, mean+-std over seeds]")
-        for e in sorted(group_stats([r for r in rows if r["layers"] == "planted"], keys,
-                                    ["deviation", "deviation_others", "columns_swamped"]),
-                        key=lambda e: tuple(e[k] for k in keys)):
-            print(f"{e['train_steps']:>5}{'x%g' % e['outlier_scale']:>8}{e['r']:>4} {e['method']:<8} "
-                  f"{e['deviation']:.3f}+-{e['deviation_std']:.3f}      {e['deviation_others']:.3f}+-"
-                  f"{e['deviation_others_std']:.3f}    {e['columns_swamped']:.3f}+-{e['columns_swamped_std']:.3f}")
-
-    if "finetune" in parts:
+    if "measure" in args.parts:
+        measure_part(base_state, preset, max(args.scales), args.channel, stem)
+    if "gradients" in args.parts:
+        gradients_part(base_state, preset, args, stem, device)
+    if "finetune" in args.parts:
         rows = finetune_study(base_state, preset, runs, args.out, args.channel, device, args.max_minutes)
         plot_finetune_study(rows, f"{stem}.png")
         print(finetune_table(rows))
-
-    if "figures" in parts:  # redraw the gradient study's figure from its JSON, computing nothing
-        plot_gradient_study(json.load(open(f"{stem}_gradients.json")), f"{stem}_gradients.png")
-
-    if "lr" in parts:
+    if "figures" in args.parts:  # the gradient study's figure and table from its JSON, computing nothing
+        rows = json.load(open(f"{stem}_gradients.json"))
+        plot_gradient_study(rows, f"{stem}_gradients.png")
+        print(gradient_table(rows))
+    if "lr" in args.parts:
         try:
-            rows = load_studies([args.out] + [path for path in args.compare.split(",") if path])
+            rows = load_studies([args.out] + args.compare)
             plot_lr_comparison(rows, f"{stem}_lr.png")
         except ValueError as err:
             parser.error(str(err))
