@@ -17,7 +17,7 @@ What it measures, at equal rank (same trainable parameters, same matmul FLOPs):
      gradient clipping, AdamW, as tiny_gpt/train.py does it, on its fine-tuning batches) with LoRA,
      GraLoRA and Hybrid GraLoRA on its four linears per block, as step time and tokens/s.
   6. with --forms alone: GraLoRALinear.adapter as gralora.py writes it (paper Eq. 6 as two einsums)
-     against the two-batched-matmul layout it used before (fast_adapter below), forward + backward.
+     against the same sums laid out as two batched matmuls (fast_adapter below), forward + backward.
 
 How: all variants of one shape run interleaved in one process (the order rotates every
 repetition), after a warm-up; each figure is a median over repetitions, and each ratio is the
@@ -80,8 +80,8 @@ def parse_args():
                    help="instead of timing: profile the adapter path (forward + backward) of LoRA and GraLoRA at "
                         "the first shape with torch.profiler and print where the time goes, by operator")
     p.add_argument("--forms", action="store_true",
-                   help="instead of the sections above: time the readable einsum adapter against the former "
-                        "two-batched-matmul layout (section 6)")
+                   help="instead of the sections above: time the readable einsum adapter against the same sums "
+                        "laid out as two batched matmuls (section 6)")
     p.add_argument("--out", default=None, help="also write the report to this file")
     args = p.parse_args()
     if args.tokens > 512 and args.tokens % 512:
@@ -153,11 +153,8 @@ def build(N, M, r, k, hybrid_r, device, dtype, use_peft):
         "LoRA": gralora.LoRALinear(_copy(base), r + hybrid_r),
         "GraLoRA": gralora.GraLoRALinear(_copy(base), r, k=k, hybrid_r=hybrid_r),
     }
-    with torch.no_grad():  # trained-looking factors: B != 0
-        for layer in layers.values():
-            for name, p in layer.named_parameters():
-                if name.endswith("B"):
-                    p.normal_(std=0.02)
+    for layer in layers.values():
+        trained_looking(layer)
     if use_peft:
         config = peft.GraloraConfig(r=r, gralora_k=k, hybrid_r=hybrid_r, alpha=layers["GraLoRA"].alpha,
                                     target_modules=["0"])
@@ -170,6 +167,14 @@ def build(N, M, r, k, hybrid_r, device, dtype, use_peft):
                 (getattr(target, sub) if sub else target).copy_(t)
         layers["PEFT"] = peft_layer
     return layers
+
+
+@torch.no_grad()
+def trained_looking(layer):
+    """Give the adapter's B factors (zero at init) small random values, as after training: B != 0."""
+    for name, p in layer.named_parameters():
+        if name.endswith("B"):
+            p.normal_(std=0.02)
 
 
 def _copy(linear):
@@ -250,74 +255,16 @@ def machine_lines(devices):
 
 
 def run_device(device, args, say):
+    """Sections 1-4 on one device: every shape of SHAPES, measured, then reported section by section."""
     dtype = getattr(torch, args.dtype)
-    item = torch.empty((), dtype=dtype).element_size()  # bytes per value
     use_peft = peft is not None and not args.no_peft
     seq = min(args.tokens, 512)
     clock = "process CPU time" if clock_for(device, args) is time.process_time else "wall time"
     say(f"\n== {device.type}: {args.tokens} tokens as ({args.tokens // seq}, {seq}, N) inputs, {args.dtype}, "
         f"{args.reps} reps after {args.warmup} warm-up, {clock} ==")
     say("ratios: median of per-repetition ratios [interquartile range]; ms: medians\n")
-
-    layer_rows, adapter_rows, merged_rows, memory_rows = [], [], [], []
-    for label, N, M, r, k, hybrid_r in SHAPES:
-        layers = build(N, M, r, k, hybrid_r, device, dtype, use_peft)
-        x = make_input(args.tokens, N, device, dtype).requires_grad_(True)
-        grad_out = torch.randn(*x.shape[:-1], M, device=device, dtype=dtype)
-        if use_peft:  # the PEFT layer computes the same function, so the race is fair
-            tol = 1e-3 if dtype == torch.float32 else 3e-2
-            with torch.no_grad():
-                torch.testing.assert_close(layers["PEFT"](x), layers["GraLoRA"](x), rtol=tol, atol=tol)
-        shape = f"{label:26s} {N:>4}->{M:<4} r={r + hybrid_r:<3} k={k}"
-
-        # 1 + 2: whole layer and adapter path alone, all in one interleaved loop
-        cases = {name: fwd_bwd(layer, x, grad_out, trainable(layer)) for name, layer in layers.items()}
-        for name in ("LoRA", "GraLoRA"):
-            cases[name + " adapter"] = fwd_bwd(layers[name].adapter, x, grad_out, trainable(layers[name]))
-        times = interleaved(cases, args.reps, args.warmup, device, clock_for(device, args))
-        ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-        peft_ms = f"{ms['PEFT']:8.2f}" if use_peft else "       -"
-        row = f"{shape} | {ms['LoRA']:8.2f} {ms['GraLoRA']:8.2f} {peft_ms}"
-        row += f" | {fmt_ratio(ratio(times, 'GraLoRA', 'LoRA')):>19}"
-        row += f" {fmt_ratio(ratio(times, 'GraLoRA', 'PEFT')):>19}" if use_peft else "                   -"
-        layer_rows.append(row)
-        adapter_rows.append(f"{shape} | {ms['LoRA adapter']:8.2f} {ms['GraLoRA adapter']:8.2f} | "
-                            f"{fmt_ratio(ratio(times, 'GraLoRA adapter', 'LoRA adapter')):>19}")
-
-        # 3: merged GraLoRA vs a plain Linear holding the same merged weight, inference
-        merged = layers["GraLoRA"]
-        merged.merge()
-        plain = _copy(merged.base)
-        with torch.no_grad():
-            torch.testing.assert_close(merged(x), plain(x))
-
-        def inference(module):
-            def call():
-                with torch.no_grad():
-                    module(x)
-            return call
-
-        times = interleaved({"Linear": inference(plain), "merged": inference(merged)},
-                            2 * args.reps, args.warmup, device, clock_for(device, args))
-        merged_rows.append(f"{shape} | {1e3 * statistics.median(times['Linear']):8.2f} "
-                           f"{1e3 * statistics.median(times['merged']):8.2f} | "
-                           f"{fmt_ratio(ratio(times, 'merged', 'Linear')):>19}")
-        merged.unmerge()
-
-        # 4: memory kept for backward, per token, against the predicted latent
-        predicted = {"LoRA": gralora.adapter_latent(1, r + hybrid_r) * item,
-                     "GraLoRA": gralora.adapter_latent(1, r, k, hybrid_r) * item}
-        row = f"{shape} |"
-        for name, layer in layers.items():
-            per_token = saved_bytes_per_token(layer, N, list(layer.parameters()), args.tokens, device, dtype)
-            row += f" {per_token:7.0f} ({predicted.get(name, predicted['GraLoRA']):5d})"
-        if device.type == "cuda":
-            row += " | peak MiB above inputs:"
-            for name, layer in layers.items():
-                peak = cuda_peak_bytes(fwd_bwd(layer, x, grad_out, trainable(layer)), device)
-                row += f" {name} {peak / 2**20:.1f}"
-        memory_rows.append(row)
-
+    rows = [measure_shape(shape, device, dtype, args, use_peft) for shape in SHAPES]
+    layer_rows, adapter_rows, merged_rows, memory_rows = zip(*rows)
     head = f"{'shape':26s} {'N->M':>9} {'rank':5s} {'k':3s}"
     say("1. layer forward+backward (frozen base + adapter; grads for x and the adapter factors)")
     say(f"{head} | {'LoRA ms':>8} {'Gra ms':>8} {'PEFT ms':>8} | {'GraLoRA / LoRA':>19} {'GraLoRA / PEFT':>19}")
@@ -334,11 +281,81 @@ def run_device(device, args, say):
     for row in merged_rows:
         say(row)
     say("   target: merged / Linear <= 1.02\n")
+    item = torch.empty((), dtype=dtype).element_size()
     say("4. bytes per token that autograd saves for backward beyond x and the weights (saved_tensors_hooks),")
     say(f"   (predicted): the latent, r values per token for LoRA, k*r for GraLoRA (+ hybrid_r), {item} bytes each")
     say(f"{head} | {'LoRA':>15} {'GraLoRA':>15}" + (f" {'PEFT':>15}" if use_peft else ""))
     for row in memory_rows:
         say(row)
+
+
+def measure_shape(shape, device, dtype, args, use_peft):
+    """One row of each of sections 1-4 for one entry of SHAPES: (layer, adapter, merged, memory) as text."""
+    label, N, M, r, k, hybrid_r = shape
+    layers = build(N, M, r, k, hybrid_r, device, dtype, use_peft)
+    x = make_input(args.tokens, N, device, dtype).requires_grad_(True)
+    grad_out = torch.randn(*x.shape[:-1], M, device=device, dtype=dtype)
+    if use_peft:  # the PEFT layer computes the same function, so the race is fair
+        tol = 1e-3 if dtype == torch.float32 else 3e-2
+        with torch.no_grad():
+            torch.testing.assert_close(layers["PEFT"](x), layers["GraLoRA"](x), rtol=tol, atol=tol)
+    name = f"{label:26s} {N:>4}->{M:<4} r={r + hybrid_r:<3} k={k}"
+
+    # 1 + 2: whole layer and adapter path alone, all in one interleaved loop
+    cases = {key: fwd_bwd(layer, x, grad_out, trainable(layer)) for key, layer in layers.items()}
+    for key in ("LoRA", "GraLoRA"):
+        cases[key + " adapter"] = fwd_bwd(layers[key].adapter, x, grad_out, trainable(layers[key]))
+    times = interleaved(cases, args.reps, args.warmup, device, clock_for(device, args))
+    ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
+    peft_ms = f"{ms['PEFT']:8.2f}" if use_peft else "       -"
+    layer_row = (f"{name} | {ms['LoRA']:8.2f} {ms['GraLoRA']:8.2f} {peft_ms} | "
+                 f"{fmt_ratio(ratio(times, 'GraLoRA', 'LoRA')):>19}"
+                 + (f" {fmt_ratio(ratio(times, 'GraLoRA', 'PEFT')):>19}" if use_peft else "                   -"))
+    adapter_row = (f"{name} | {ms['LoRA adapter']:8.2f} {ms['GraLoRA adapter']:8.2f} | "
+                   f"{fmt_ratio(ratio(times, 'GraLoRA adapter', 'LoRA adapter')):>19}")
+    merged_row = f"{name} | " + time_merged(layers["GraLoRA"], x, device, args)
+    memory_row = f"{name} |" + memory_cells(layers, shape, x, grad_out, device, dtype, args)
+    return layer_row, adapter_row, merged_row, memory_row
+
+
+def time_merged(layer, x, device, args):
+    """Section 3's cells: a merged `layer` against a plain nn.Linear holding the same merged weight, inference
+    forward; the layer is unmerged again afterwards."""
+    layer.merge()
+    plain = _copy(layer.base)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), plain(x))
+
+    def inference(module):
+        def call():
+            with torch.no_grad():
+                module(x)
+        return call
+
+    times = interleaved({"Linear": inference(plain), "merged": inference(layer)},
+                        2 * args.reps, args.warmup, device, clock_for(device, args))
+    layer.unmerge()
+    return (f"{1e3 * statistics.median(times['Linear']):8.2f} {1e3 * statistics.median(times['merged']):8.2f} | "
+            f"{fmt_ratio(ratio(times, 'merged', 'Linear')):>19}")
+
+
+def memory_cells(layers, shape, x, grad_out, device, dtype, args):
+    """Section 4's cells: bytes per token saved for backward by each layer (predicted in brackets) and, on
+    CUDA, the peak memory of one step."""
+    _, N, _, r, k, hybrid_r = shape
+    item = torch.empty((), dtype=dtype).element_size()  # bytes per value
+    predicted = {"LoRA": gralora.adapter_latent(1, r + hybrid_r) * item,
+                 "GraLoRA": gralora.adapter_latent(1, r, k, hybrid_r) * item}
+    cells = ""
+    for name, layer in layers.items():
+        per_token = saved_bytes_per_token(layer, N, list(layer.parameters()), args.tokens, device, dtype)
+        cells += f" {per_token:7.0f} ({predicted.get(name, predicted['GraLoRA']):5d})"
+    if device.type == "cuda":
+        cells += " | peak MiB above inputs:"
+        for name, layer in layers.items():
+            peak = cuda_peak_bytes(fwd_bwd(layer, x, grad_out, trainable(layer)), device)
+            cells += f" {name} {peak / 2**20:.1f}"
+    return cells
 
 
 def tiny_gpt_steps(device, args, say):
@@ -422,16 +439,16 @@ def profile_adapters(args, say, reps=10):
 
 
 # -----------------------------------------------------------------------------
-# Section 6: the readable forward (two einsums) against the former fast layout
+# Section 6: the readable forward (two einsums) against the same sums as two batched matmuls
 
 FORM_SHAPES = [(1024, 1024, 16, 2, 0), (1024, 1024, 64, 4, 0), (1024, 1024, 8, 2, 8),
                (4096, 4096, 16, 2, 0), (4096, 4096, 64, 4, 0)]  # (N, M, r, k, hybrid_r)
 
 
 def fast_adapter(layer, x):
-    """GraLoRALinear.adapter as gralora.py wrote it until the einsum form replaced it: the same sums,
-    laid out as two batched matmuls (batched over input blocks j, then over output blocks i), with the
-    hybrid down-projection riding along in the first one."""
+    """What GraLoRALinear.adapter computes, laid out as two batched matmuls (batched over input blocks j,
+    then over output blocks i) instead of two einsums, with the hybrid down-projection riding along in the
+    first one. Section 6 times the two layouts against each other."""
     k, _, s, n = layer.A.shape
     r, h, m = layer.r, layer.hybrid_r, layer.B.shape[2]
     x2d = x.reshape(-1, k * n)  # (T, N)
@@ -457,7 +474,7 @@ def compare_forms(device, args, say):
     dtype = getattr(torch, args.dtype)
     clock = clock_for(device, args)
     say(f"\n6. GraLoRA adapter path, forward+backward (grads for x, A, B): readable einsum form (gralora.py) vs "
-        f"the former two-batched-matmul layout; {device.type}, {args.tokens} tokens, {args.dtype}, {args.reps} reps "
+        f"the same sums as two batched matmuls; {device.type}, {args.tokens} tokens, {args.dtype}, {args.reps} reps "
         f"after {args.warmup} warm-up, {'process CPU time' if clock is time.process_time else 'wall time'}")
     say("   adapter alone (layer.adapter), then the whole layer (frozen base + adapter)")
     say(f"{'N->M':>10} {'r':>3} {'k':>2} {'hyb':>3} | {'einsum ms':>9} {'bmm ms':>8} | {'einsum / bmm':>19} | "
@@ -465,16 +482,13 @@ def compare_forms(device, args, say):
     for N, M, r, k, hybrid_r in FORM_SHAPES:
         torch.manual_seed(0)
         layer = gralora.GraLoRALinear(nn.Linear(N, M, device=device, dtype=dtype), r, k=k, hybrid_r=hybrid_r)
-        with torch.no_grad():
-            for name, p in layer.named_parameters():
-                if name.endswith("B"):
-                    p.normal_(std=0.02)
+        trained_looking(layer)
         x = make_input(args.tokens, N, device, dtype).requires_grad_(True)
         grad_out = torch.randn(*x.shape[:-1], M, device=device, dtype=dtype)
         with torch.no_grad():  # the two forms compute the same thing (tested in float64 in test_gralora.py)
             tol = 1e-4 if dtype == torch.float32 else 3e-2
             torch.testing.assert_close(fast_adapter(layer, x), layer.adapter(x), rtol=tol, atol=tol)
-        fast = copy.deepcopy(layer)  # the same layer (frozen base included) with the former adapter path
+        fast = copy.deepcopy(layer)  # the same layer (frozen base included) with fast_adapter as its adapter path
         fast.adapter = types.MethodType(fast_adapter, fast)
         cases = {"einsum": fwd_bwd(layer.adapter, x, grad_out, trainable(layer)),
                  "bmm": fwd_bwd(fast.adapter, x, grad_out, trainable(fast)),

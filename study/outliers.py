@@ -20,9 +20,9 @@ GraLoRA's motivation (Jung et al., arXiv 2505.20355, Sec. 3.2-3.3) is a mechanis
      not N). Hybrid GraLoRA adds the LoRA formula for its plain-LoRA part.
 
 Tiny models trained for minutes do not grow such outliers, so this module can plant one, without changing
-the function the base model computes: multiply a LayerNorm's gain and bias on one channel by a factor (`scale`) and divide
-the matching input column of the Linear it feeds by it. The adapters then see an input channel `scale` times larger, as
-in a large LLM, while the base model's logits stay the same.
+the function the base model computes: multiply a LayerNorm's gain and bias on one channel by a factor (`scale`)
+and divide the matching input column of the Linear it feeds by it. The adapters then see an input channel `scale`
+times larger, as in a large LLM, while the base model's logits stay the same.
 
 What is here:
   * channel_rms / rms_summary / plot_channel_rms: measure per-input-channel magnitude (Fig. 3a in miniature);
@@ -564,7 +564,8 @@ def finetune_study(base_state, preset, runs, out_path, channel=0, device="cpu", 
         rows.append(row)
         write_json(out_path, rows)
         log(f"[{i + 1}/{len(todo)}] {method} rank={rank} outlier x{scale:g} seed={seed}: val {val_loss:.4f} "
-            f"+- {val_loss_se:.4f}, pass@1 {100 * p:.1f} +- {100 * row['pass_at_1_se']:.1f} % | train {result['seconds']:.0f}s, "
+            f"+- {val_loss_se:.4f}, pass@1 {100 * p:.1f} +- {100 * row['pass_at_1_se']:.1f} % | "
+            f"train {result['seconds']:.0f}s, "
             f"total {time.time() - t0:.0f}s, elapsed {(time.time() - start) / 60:.1f} min")
     return rows
 
@@ -589,15 +590,17 @@ def finetune_table(rows):
         lines.append(
             f"{e['method']:<9}{e['rank_budget'] or '-':>5}{k or '-':>3}{'x%g' % e['outlier_scale']:>8}{e['n']:>3}  "
             f"{e['val_loss']:.4f}+-{e['val_loss_std']:.4f} ({e['val_loss_std'] / math.sqrt(e['n']):.4f})   "
-            f"{100 * e['pass_at_1']:5.1f}+-{100 * e['pass_at_1_std']:.1f} ({100 * e['pass_at_1_std'] / math.sqrt(e['n']):.1f})"
-            f"      {e['val_loss_se']:.4f} / {100 * e['pass_at_1_se']:.1f}    {e['trainable_params']:>8.0f}{e['seconds']:>6.0f}")
+            f"{100 * e['pass_at_1']:5.1f}+-{100 * e['pass_at_1_std']:.1f} "
+            f"({100 * e['pass_at_1_std'] / math.sqrt(e['n']):.1f})      {e['val_loss_se']:.4f} / "
+            f"{100 * e['pass_at_1_se']:.1f}    {e['trainable_params']:>8.0f}{e['seconds']:>6.0f}")
     for method, baseline in (("gralora", "lora"), ("hybrid", "gralora")):
         diffs = paired_differences(rows, method, baseline)
         if diffs:
             lines += ["", f"{method} - {baseline}, paired by seed (same batches, same base): mean +- SE over seeds"]
         for (lr, scale, rank), e in sorted(diffs.items()):
             lines.append(f"  x{scale:<5g} rank={rank:<4} n={e['n']}: val loss {e['val_loss']:+.4f} +- "
-                         f"{e['val_loss_se']:.4f}   pass@1 {100 * e['pass_at_1']:+.1f} +- {100 * e['pass_at_1_se']:.1f} points")
+                         f"{e['val_loss_se']:.4f}   pass@1 {100 * e['pass_at_1']:+.1f} +- "
+                         f"{100 * e['pass_at_1_se']:.1f} points")
     return "\n".join(lines)
 
 

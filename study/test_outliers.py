@@ -351,7 +351,7 @@ def test_finetune_study_records_lr_resumes_and_refuses_to_mix_rates(tmp_path):
     other = dataclasses.replace(preset, train=dataclasses.replace(preset.train, lr_adapter=0.125))
     with pytest.raises(ValueError, match=r"lr=0.125"):
         outliers.finetune_study(base_state, other, runs, out, log=lambda s: None)
-    old = tmp_path / "old.json"  # a file from before rows recorded their lr
+    old = tmp_path / "old.json"  # a file whose rows record no lr
     old.write_text(json.dumps([{key: value for key, value in rows[0].items() if key != "lr"}]))
     with pytest.raises(ValueError, match=r"old.json has a lora row that records no lr"):
         outliers.finetune_study(base_state, preset, runs, str(old), log=lambda s: None)
