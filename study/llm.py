@@ -658,7 +658,8 @@ def _finetune_setup(model, method, rank, lr, cfg):
     return r, k, hybrid_r, lr, [p for p in model.parameters() if p.requires_grad]
 
 
-def finetune_run(base, tokenizer, method, rank, seed, lr, cfg, train, val, problems, device, log=print):
+def finetune_run(base, tokenizer, method, rank, seed, lr, cfg, train, val, problems, device, log=print,
+                 base_val=None):
     """Fine-tune a copy of `base` with one method at one learning rate and score it. Returns the sweep row:
     the training loss of every step, the held-out loss at `evals` + 1 points, HumanEval pass@1 if any problems.
     A non-finite training loss stops the run, which is marked diverged (its scores are None)."""
@@ -672,7 +673,9 @@ def finetune_run(base, tokenizer, method, rank, seed, lr, cfg, train, val, probl
     eval_at = sorted({round(i * steps / cfg["evals"]) for i in range(cfg["evals"] + 1)}) if cfg["evals"] else [steps]
     losses, val_curve, diverged = [], [], False
     for step in range(steps + 1):
-        if step in eval_at:
+        if step == 0 and base_val is not None:
+            val_curve.append([0, base_val])  # adapters start at dW = 0: the base model's loss, computed once
+        elif step in eval_at:
             val_curve.append([step, completion_loss(model, val, pad_id, device, cfg["eval_batch"], cfg["bf16"])])
         if step == steps:
             break
@@ -746,7 +749,7 @@ def sweep(base, tokenizer, out, preset="gpu", methods=None, ranks=None, seeds=(0
           provenance=None, log=print):
     """Run the plan, appending each finished row to `out` (atomically) and skipping rows already there.
     A file written with another configuration or on other data is refused (use another --out)."""
-    cfg = dict(SWEEP_PRESETS[preset], preset=preset)
+    cfg = json.loads(json.dumps(dict(SWEEP_PRESETS[preset], preset=preset)))  # as a JSON file holds it
     device = torch.device(device)
     doc = _read_doc(out) or dict(config=cfg, provenance=provenance or {}, rows=[])
     if doc.get("config") != cfg:
@@ -763,8 +766,10 @@ def sweep(base, tokenizer, out, preset="gpu", methods=None, ranks=None, seeds=(0
     doc["data"] = fingerprint
     log(f"data: {len(train)} training functions, {len(val)} held-out (by module), {len(problems)} HumanEval "
         f"problems; Python {fingerprint['python']}, sha256 {fingerprint['sha256'][:12]} ({time.time() - t0:.0f}s)")
+    base_val = completion_loss(base.to(device), val, tokenizer.pad_token_id, device, cfg["eval_batch"], cfg["bf16"])
+    log(f"base model: held-out loss {base_val:.4f}")
     for method, rank, seed, lr in plan:
-        row = finetune_run(base, tokenizer, method, rank, seed, lr, cfg, train, val, problems, device, log)
+        row = finetune_run(base, tokenizer, method, rank, seed, lr, cfg, train, val, problems, device, log, base_val)
         doc["rows"].append(row)
         write_json(out, doc)
         score = "diverged" if row["diverged"] else f"val loss {row['val_loss']:.4f}"

@@ -7,7 +7,9 @@ are skipped, with the commands in the reason, without it. The model is loaded on
 
 import copy
 import json
+import math
 import os
+import sys
 
 import pytest
 import torch
@@ -20,6 +22,13 @@ from tiny_gpt.train import adapter_spec
 MISSING = llm.missing_setup()
 NEEDS_SETUP = pytest.mark.skipif(bool(MISSING), reason=f"optional set-up missing ({', '.join(MISSING)}); install "
                                  f"with: {' && '.join(llm.INSTALL_COMMANDS)}")
+
+
+def test_setup_complete_where_required():
+    """CI sets STUDY_LLM_REQUIRED=1 after installing only the study's declared set-up: there a missing piece is a
+    failure, not a skip, so another set-up (PEFT pulls in accelerate) cannot hide it."""
+    if os.environ.get("STUDY_LLM_REQUIRED") == "1":
+        assert not MISSING, llm.setup_message(MISSING)
 
 
 @pytest.fixture(scope="module")
@@ -170,42 +179,97 @@ def test_measure_finds_outlier_channels(loaded):
 
 
 def test_sweep_plan():
-    """Seed by seed; Hybrid only at rank 16 (where the paper uses it); FFT once per seed; the paper's k rule."""
-    plan = llm.sweep_plan([16, 32, 64, 128], range(3))
-    assert plan[:5] == [("lora", 16, 0), ("gralora", 16, 0), ("hybrid", 16, 0), ("lora", 32, 0), ("gralora", 32, 0)]
-    assert len(plan) == 3 * (4 * 2 + 1 + 1) and plan[9] == ("fft", None, 0)
-    assert [adapter_spec(m, r)[1] for m, r, _ in plan[:9] if m != "lora"] == [2, 2, 2, 4, 4]
+    """Seed by seed; Hybrid only at rank 16 (where the paper uses it); FFT once per seed (it has no adapter
+    learning rate); every adapter run at every learning rate; the paper's k rule."""
+    plan = llm.sweep_plan(("lora", "gralora", "hybrid", "fft"), [16, 32, 64, 128], [0, 1, 2], [1e-3, 3e-3])
+    assert plan[:4] == [("fft", None, 0, None), ("lora", 16, 0, 1e-3), ("lora", 16, 0, 3e-3), ("gralora", 16, 0, 1e-3)]
+    assert len(plan) == 3 * (2 * (4 * 2 + 1) + 1) and len(set(plan)) == len(plan)
+    assert [seed for _, _, seed, _ in plan] == sorted(seed for _, _, seed, _ in plan)
+    assert [adapter_spec(m, r)[1] for m, r, s, lr in plan if s == 0 and lr == 1e-3 and m == "gralora"] == [2, 2, 4, 4]
+    laptop = llm.SWEEP_PRESETS["laptop"]
+    assert llm.sweep_plan(laptop["methods"], laptop["ranks"], [0, 1], laptop["lrs"])[:3] == [
+        ("lora", 64, 0, 1e-3), ("lora", 64, 0, 3e-3), ("lora", 64, 0, 1e-2)]
+
+
+def test_missing_setup_names_accelerate(monkeypatch):
+    """transformers needs accelerate to load a GGUF file: the set-up check names it when it is absent."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "accelerate" else real_find_spec(name, *a))
+    assert "accelerate" in llm.missing_setup()
+    with open(os.path.join(os.path.dirname(llm.__file__), "requirements-llm.txt")) as f:
+        assert any(line.startswith("accelerate==") for line in f)
+
+
+def test_data_fingerprint():
+    a = llm.data_fingerprint(["def f():\n", "    return 1\n"])
+    assert a["python"] == sys.version.split()[0] and a["texts"] == 2 and len(a["sha256"]) == 64
+    assert llm.data_fingerprint(["def f():\n    return 1\n"])["sha256"] != a["sha256"]  # text boundaries count
 
 
 @NEEDS_SETUP
-def test_sweep_smoke_and_resume(loaded, tmp_path):
+def test_sweep_smoke_resume_and_data_check(loaded, tmp_path, monkeypatch):
     """The sweep's code path on the CPU (Hybrid covers the GraLoRA blocks and the LoRA part; FFT the full
-    model), its JSON and its resume. Its numbers mean nothing."""
+    model), its JSON (per-step losses, held-out loss along the way, the data's fingerprint), its resume, its
+    refusals, and its figure. Its numbers mean nothing."""
     model, tokenizer = loaded
     out = os.path.join(tmp_path, "sweep.json")
     logs = []
     watched = "model.layers.29.mlp.up_proj.weight"
     before = {name: p.detach().clone() for name, p in model.named_parameters() if name == watched}
-    rows = llm.sweep(model, tokenizer, out, ranks=[16], seeds=[0], preset="smoke", methods=("hybrid", "fft"),
-                     log=logs.append)
+    rows = llm.sweep(model, tokenizer, out, preset="smoke", seeds=[0], log=logs.append)
     assert [(r["method"], r["rank"], r["r"], r["k"], r["hybrid_r"], r["alpha"]) for r in rows] == [
-        ("hybrid", 16, 8, 2, 8, 32), ("fft", None, None, None, 0, None)]
+        ("fft", None, None, None, 0, None), ("hybrid", 16, 8, 2, 8, 32)]
     for row in rows:
         assert row["n_problems"] == 2 and 0 <= row["pass_at_1"] <= 1 and row["val_loss"] > 0
-    assert rows[0]["trainable_params"] == sum(gralora.adapter_params(m.in_features, m.out_features, 16)
+        assert len(row["losses"]) == 2 and [step for step, _ in row["val_curve"]] == [0, 1, 2]
+        assert row["val_curve"][-1][1] == row["val_loss"] and not row["diverged"]
+    assert rows[1]["trainable_params"] == sum(gralora.adapter_params(m.in_features, m.out_features, 16)
                                               for _, m in llm.target_linears(model))  # = LoRA's at rank 16
     for name, p in model.named_parameters():  # the base model is not changed (runs train copies)
         if name in before:
             assert torch.equal(p, before[name])
     with open(out) as f:
-        assert json.load(f)["rows"] == rows
+        doc = json.load(f)
+    assert doc["rows"] == rows and doc["data"]["python"] == sys.version.split()[0]
     logs.clear()
-    again = llm.sweep(model, tokenizer, out, ranks=[16], seeds=[0], preset="smoke", methods=("hybrid", "fft"),
-                      log=logs.append)
+    again = llm.sweep(model, tokenizer, out, preset="smoke", seeds=[0], log=logs.append)
     assert again == rows and "0 runs to do" in logs[0]
     with pytest.raises(ValueError, match="another --out"):
-        llm.sweep(model, tokenizer, out, ranks=[16], seeds=[0], preset="gpu", log=logs.append)
-    assert "hybrid" in llm.sweep_table(rows)
+        llm.sweep(model, tokenizer, out, preset="gpu", seeds=[0], log=logs.append)
+    other = dict(doc["data"], python="3.99.0", sha256="0" * 64)
+    monkeypatch.setattr(llm, "data_fingerprint", lambda texts: other)
+    with pytest.raises(ValueError, match="data differs.*3.99.0.*another --out"):  # no rows on other data
+        llm.sweep(model, tokenizer, out, preset="smoke", seeds=[1], log=logs.append)
+    logs.clear()
+    fresh = os.path.join(tmp_path, "fresh.json")  # a new file: a warning against the committed reference
+    monkeypatch.setitem(llm.SWEEP_OUT, "smoke", out)
+    llm.sweep(model, tokenizer, fresh, preset="smoke", methods=["lora"], seeds=[0], lrs=[1e9], log=logs.append)
+    assert any(line.startswith("warning: the data differs") and "numbers will differ" in line for line in logs)
+    with open(fresh) as f:
+        (diverged,) = json.load(f)["rows"]
+    assert diverged["diverged"] and diverged["val_loss"] is None and diverged["pass_at_1"] is None
+    assert not math.isfinite(diverged["losses"][-1]) and "diverged" in llm.sweep_table([diverged])
+    table = llm.sweep_table(rows)
+    assert "hybrid" in table and "5e-04" in table
+    llm.plot_lr_sweep(rows + [diverged], os.path.join(tmp_path, "sweep.png"))
+    assert os.path.getsize(os.path.join(tmp_path, "sweep.png")) > 1000
+
+
+@NEEDS_SETUP
+def test_sweep_command_line(loaded, tmp_path, monkeypatch, capsys):
+    """`python -m study.llm sweep --preset smoke ...` end to end, the model load replaced by the loaded one."""
+    monkeypatch.setattr(llm, "load_model", lambda device: loaded)
+    out = str(tmp_path / "cli.json")
+    assert llm.main(["sweep", "--preset", "smoke", "--methods", "lora", "--seeds", "0", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "lora" in printed and os.path.exists(str(tmp_path / "cli.png"))
+    with open(out) as f:
+        doc = json.load(f)
+    assert [(r["method"], r["seed"], r["lr"]) for r in doc["rows"]] == [("lora", 0, 5e-4)]
+    assert doc["provenance"]["command"].startswith("python -m study.llm")
 
 
 @NEEDS_SETUP
