@@ -56,32 +56,44 @@ import torch.nn.functional as F
 # Layers
 
 
-def _is_int(value):
-    """True for Python and numpy integers, False for bools (True would silently mean 1)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_conv1d(module):
-    """Hugging Face's Conv1D (GPT-2's c_attn, c_proj, c_fc), recognised without importing transformers:
-    y = x @ weight + bias with weight stored transposed, (N, M), and nf = M."""
+def _dims(module):
+    """(N, M) of an nn.Linear, or of Hugging Face's Conv1D (GPT-2's c_attn, c_proj, c_fc), recognised without
+    importing transformers: y = x @ weight + bias, weight stored transposed, (N, M), and nf = M. Else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
     weight = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
-            and getattr(module, "nf", None) == weight.shape[1])
+    if (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1]):
+        return tuple(weight.shape)
+    return None
 
 
-def _check_args(base, r, dropout):
-    """Shared argument checks; errors name the offending values (never fail later in a reshape).
-    Returns (N, M) of the base layer."""
-    if isinstance(base, nn.Linear):
-        N, M = base.in_features, base.out_features
-    elif _is_conv1d(base):
-        N, M = base.weight.shape
-    else:
-        raise ValueError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
-    if not _is_int(r) or r <= 0:
-        raise ValueError(f"r must be a positive integer, got r={r!r}")
+def _check_args(r, k=1, alpha=None, dropout=0.0, hybrid_r=0):
+    """Checks that need no layer; errors name the value. A bool is no integer here (True would mean 1)."""
+    for name, value, least in (("r", r, 1), ("k", k, 1), ("hybrid_r", hybrid_r, 0)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+            kind = "positive" if least else "non-negative"
+            raise ValueError(f"{name} must be a {kind} integer, got {name}={value!r}")
+    if alpha is not None and (not isinstance(alpha, numbers.Real) or isinstance(alpha, bool)):
+        raise ValueError(f"alpha must be a number (or None: 2 * (r + hybrid_r)), got alpha={alpha!r}")
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a probability in [0, 1), got dropout={dropout!r}")
+
+
+def _check_fit(base, r, k=1, hybrid_r=0):
+    """Checks that need the layer (its type, sizes k divides, ranks it can use); returns (N, M). A block
+    (M/k, N/k) can use its rank r/k only while r <= min(N, M), the bound on LoRA's B A and the hybrid's too."""
+    if _dims(base) is None:
+        raise ValueError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+    N, M = _dims(base)
+    for name, size in (("in_features", N), ("out_features", M), ("r", r)):
+        if size % k:
+            raise ValueError(f"{name}={size} is not divisible by k={k}")
+    for name, rank in (("r", r), ("hybrid_r", hybrid_r)):
+        if rank > min(N, M):
+            per_block = f", {min(N, M) // k} per block at k={k}" if name == "r" and k > 1 else ""
+            raise ValueError(f"{name}={rank} is more than a layer with in_features={N}, out_features={M} can use "
+                             f"(rank at most {min(N, M)}{per_block}): a larger rank only adds parameters")
     return N, M
 
 
@@ -91,11 +103,30 @@ def _upcast(t):
 
 
 class AdapterLinear(nn.Module):
-    """What LoRALinear and GraLoRALinear share: a frozen `base` (nn.Linear or Conv1D) plus an update path.
-
-    Subclasses define adapter(x) (the update's output, scaling included) and delta_weight()
-    (the same update as an (M, N) matrix). Merging is explicit: train()/eval() never merge.
+    """What LoRALinear and GraLoRALinear share: a frozen `base` (nn.Linear or Conv1D), the checked arguments
+    (k = 1, hybrid_r = 0 for LoRA), scaling = alpha / (r + hybrid_r), and an update path. Subclasses create
+    their factors with _new_factors() and define adapter(x) (the update's output, scaling included) and
+    delta_weight() (the same update as an (M, N) matrix). Merging is explicit: train()/eval() never merge.
     """
+
+    def __init__(self, base, r, alpha=None, dropout=0.0, k=1, hybrid_r=0):
+        super().__init__()
+        _check_args(r, k, alpha, dropout, hybrid_r)
+        self.in_features, self.out_features = _check_fit(base, r, k, hybrid_r)  # N, M
+        self.base = base.requires_grad_(False)
+        self.r, self.k, self.hybrid_r = r, k, hybrid_r
+        self.alpha = 2 * (r + hybrid_r) if alpha is None else alpha
+        self.scaling = self.alpha / (r + hybrid_r)
+        self.dropout, self.merged = dropout, False
+
+    def _new_factors(self, a_shape, b_shape):
+        """New (A, B) on the base weight's device and dtype: A Kaiming-uniform(a=sqrt(5)) like nn.Linear's
+        weight, each trailing 2-D block on its own (fan_in = its width); B zero, so dW = 0 at start."""
+        factory = dict(device=self.base.weight.device, dtype=self.base.weight.dtype)
+        A = nn.Parameter(torch.empty(a_shape, **factory))
+        for block in A.data.view(-1, *a_shape[-2:]):
+            nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+        return A, nn.Parameter(torch.zeros(b_shape, **factory))
 
     def forward(self, x):
         y = self.base(x)  # (..., M)
@@ -145,26 +176,15 @@ class LoRALinear(AdapterLinear):
     """y = base(x) + scaling * B (A dropout(x)).  A: (r, N), B: (M, r), scaling = alpha / r.
 
     Args:
-        base: the frozen nn.Linear (or transformers Conv1D) being adapted; its parameters get
-            requires_grad=False.
-        r: adapter rank.
+        base: the nn.Linear (or transformers Conv1D) being adapted, frozen here (requires_grad=False).
+        r: adapter rank, at most min(N, M): B A never has a higher rank.
         alpha: scaling numerator; default 2 * r, as in the GraLoRA paper's experiments.
         dropout: dropout probability on the adapter's input, applied only in training.
     """
 
     def __init__(self, base, r, alpha=None, dropout=0.0):
-        super().__init__()
-        N, M = _check_args(base, r, dropout)
-        self.base = base.requires_grad_(False)
-        self.in_features, self.out_features, self.r = N, M, r
-        self.alpha = 2 * r if alpha is None else alpha
-        self.scaling = self.alpha / r
-        self.dropout = dropout
-        self.merged = False
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.A = nn.Parameter(torch.empty(r, N, **factory))  # (r, N)
-        self.B = nn.Parameter(torch.zeros(M, r, **factory))  # (M, r): zero, so dW = 0 at start
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # what nn.Linear uses for its weight
+        super().__init__(base, r, alpha, dropout)
+        self.A, self.B = self._new_factors((r, self.in_features), (self.out_features, r))  # (r, N), (M, r)
 
     def adapter(self, x):
         """The update path alone: scaling * B A x, for x of shape (..., N). Scaling is folded into the
@@ -174,8 +194,7 @@ class LoRALinear(AdapterLinear):
 
     def delta_weight(self):
         """dW = scaling * B A, shape (M, N), computed in float32 (or float64) and returned so."""
-        A, B = _upcast(self.A), _upcast(self.B)
-        return self.scaling * (B @ A)  # (M, N)
+        return self.scaling * (_upcast(self.B) @ _upcast(self.A))  # (M, N)
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, merged={self.merged}"
@@ -193,48 +212,26 @@ class GraLoRALinear(AdapterLinear):
 
     Args:
         base: the frozen nn.Linear (or transformers Conv1D) being adapted.
-        r: GraLoRA rank (the rank a LoRA of equal parameter count would have); k must divide it.
+        r: GraLoRA rank (the rank a LoRA of equal parameter count would have); k must divide it, and it
+            is at most min(N, M), so that each block's rank s fits its (m, n) block.
         k: blocks per side. The paper uses k = 2 at r = 16, 32 and k = 4 at r = 64, 128.
         alpha: scaling numerator; default 2 * (r + hybrid_r). scaling = alpha / (r + hybrid_r),
             as in Hugging Face PEFT's GraLoRA, so checkpoints carry over between the two.
         dropout: dropout probability on the adapter's input, applied only in training.
-        hybrid_r: rank of the extra plain-LoRA part (0 = pure GraLoRA). It comes ON TOP of r, as in
-            PEFT: trainable parameters are (r + hybrid_r) * (N + M). The paper's own training scripts
-            instead pass the total rank as r and subtract hybrid_r from it, so copying their r into
-            this layer gives more parameters than intended: use r = their r - hybrid_r.
+        hybrid_r: rank of the extra plain-LoRA part (0 = pure GraLoRA), ON TOP of r as in PEFT: trainable
+            parameters are (r + hybrid_r) * (N + M). The paper's own scripts pass the total rank as r and
+            subtract hybrid_r from it: to copy their settings, use r = their r - hybrid_r.
 
-    To use this layer alone, copy _is_int, _is_conv1d, _check_args, _upcast, AdapterLinear and
+    To use this layer alone, copy _dims, _check_args, _check_fit, _upcast, AdapterLinear and
     this class (everything above it but LoRALinear).
     """
 
     def __init__(self, base, r, k=2, alpha=None, dropout=0.0, hybrid_r=0):
-        super().__init__()
-        N, M = _check_args(base, r, dropout)
-        if not _is_int(k) or k <= 0:
-            raise ValueError(f"k must be a positive integer, got k={k!r}")
-        if not _is_int(hybrid_r) or hybrid_r < 0:
-            raise ValueError(f"hybrid_r must be a non-negative integer, got hybrid_r={hybrid_r!r}")
-        for what, size in (("in_features", N), ("out_features", M), ("r", r)):
-            if size % k:
-                raise ValueError(f"{what}={size} is not divisible by k={k}")
-        self.base = base.requires_grad_(False)
-        self.in_features, self.out_features = N, M
-        self.r, self.k, self.hybrid_r = r, k, hybrid_r
-        self.alpha = 2 * (r + hybrid_r) if alpha is None else alpha
-        self.scaling = self.alpha / (r + hybrid_r)
-        self.dropout = dropout
-        self.merged = False
-        s, n, m = r // k, N // k, M // k
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.A = nn.Parameter(torch.empty(k, k, s, n, **factory))  # (k, k, s, n)
-        self.B = nn.Parameter(torch.zeros(k, k, m, s, **factory))  # (k, k, m, s): dW = 0 at start
-        for i in range(k):
-            for j in range(k):  # each block is its own LoRA, initialised as one (fan_in = n)
-                nn.init.kaiming_uniform_(self.A.data[i, j], a=math.sqrt(5))
+        super().__init__(base, r, alpha, dropout, k, hybrid_r)
+        N, M, s = self.in_features, self.out_features, r // k
+        self.A, self.B = self._new_factors((k, k, s, N // k), (k, k, M // k, s))  # (k, k, s, n), (k, k, m, s)
         if hybrid_r > 0:
-            self.hybrid_A = nn.Parameter(torch.empty(hybrid_r, N, **factory))  # (hybrid_r, N)
-            self.hybrid_B = nn.Parameter(torch.zeros(M, hybrid_r, **factory))  # (M, hybrid_r)
-            nn.init.kaiming_uniform_(self.hybrid_A, a=math.sqrt(5))
+            self.hybrid_A, self.hybrid_B = self._new_factors((hybrid_r, N), (M, hybrid_r))
 
     def adapter(self, x):
         """The update path alone, for x of shape (..., N): paper Eq. 6 as two einsums, then the hybrid
@@ -275,67 +272,73 @@ def _matches(name, patterns):
                or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
 
 
-def add_adapters(model, targets, method="gralora", r=8, k=None, alpha=None, dropout=0.0, hybrid_r=0):
-    """Replace, in place, each nn.Linear (or transformers Conv1D, as in GPT-2) whose module name matches
-    a pattern in `targets` with a LoRALinear (method="lora") or GraLoRALinear (method="gralora", k=2 by
-    default; Hybrid when hybrid_r > 0), then freeze every other parameter. Returns the wrapped names.
-
-    A name matches a pattern if it equals it, ends with "." + pattern, or fnmatch-matches it:
-    targets=["c_attn", "mlp.*"] wraps "h.0.attn.c_attn" and "h.0.mlp.c_fc".
-    """
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, (list, tuple, set)) or not targets or not all(isinstance(p, str) and p for p in targets):
-        raise ValueError(f"targets must be a module-name pattern or a non-empty list of them, got targets={targets!r}")
-    if method not in ("lora", "gralora"):
-        raise ValueError(f"method must be 'lora' or 'gralora', got method={method!r}")
-    if method == "lora" and hybrid_r != 0:
-        raise ValueError(f"hybrid_r={hybrid_r!r} is a GraLoRA option; method='lora' would ignore it")
-    if method == "lora" and k not in (None, 1):
-        raise ValueError(f"k={k!r} is a GraLoRA option; method='lora' would ignore it (LoRA is k=1)")
-    k = 2 if k is None else k
-    adapters = {name for name, mod in model.named_modules() if isinstance(mod, AdapterLinear)}
-    inside = {f"{name}.base": name for name in adapters}
+def _select(model, targets):
+    """Names of the nn.Linear / Conv1D modules that `targets` match, after the checks that need only the
+    model: no match at all, a layer that already holds an adapter, a weight tied to another module."""
+    adapted = {name for name, _ in adapter_layers(model)}
+    inside = {f"{name}.base": name for name in adapted}
     matched = [(name, mod) for name, mod in model.named_modules() if name and _matches(name, targets)]
-    again = sorted({inside.get(name, name) for name, _ in matched if name in adapters or name in inside})
+    again = sorted({inside.get(name, name) for name, _ in matched if name in adapted or name in inside})
     if again:
-        raise ValueError(f"targets={list(targets)} match layers that already hold an adapter: {again}; "
+        raise ValueError(f"targets={targets} match layers that already hold an adapter: {again}; "
                          "a layer takes one adapter, so leave these out of targets")
-    chosen = [name for name, mod in matched if isinstance(mod, nn.Linear) or _is_conv1d(mod)]
+    chosen = [name for name, mod in matched if _dims(mod)]
     if not chosen:
         others = [f"{name} ({type(mod).__name__})" for name, mod in matched]
-        linears = [n for n, mod in model.named_modules() if (isinstance(mod, nn.Linear) or _is_conv1d(mod))
-                   and n not in inside]
-        raise ValueError(f"no nn.Linear or Conv1D matches targets={list(targets)}"
+        linears = [name for name, mod in model.named_modules() if _dims(mod) and name not in inside]
+        raise ValueError(f"no nn.Linear or Conv1D matches targets={targets}"
                          + (f"; these match but cannot be adapted: {others}" if others else "")
                          + f"; the model's Linear/Conv1D modules are {linears}")
-    # A weight tied to another module (an LM head) must not be adapted: merging would change that one too.
-    owners = {}
+    owners = {}  # a weight tied to another module (an LM head) must not be adapted: merging would change both
     for name, mod in model.named_modules():
         for p in mod.parameters(recurse=False):
             owners.setdefault(id(p), []).append(name)
     for name in chosen:
         shared = owners[id(model.get_submodule(name).weight)]
         if len(shared) > 1:
-            raise ValueError(f"{name}.weight is tied to {[n for n in shared if n != name]}; refusing to adapt it")
-    # Build every adapter before swapping any in, so a layer that does not fit (N not divisible by k,
-    # say) leaves the model exactly as it was: unchanged modules, unchanged requires_grad.
-    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-    layers = {}
+            raise ValueError(f"{name}.weight is tied to {[o for o in shared if o != name]}; refusing to adapt it")
+    return chosen
+
+
+def add_adapters(model, targets, method="gralora", r=8, k=None, alpha=None, dropout=0.0, hybrid_r=0):
+    """Replace, in place, each nn.Linear (or transformers Conv1D, as in GPT-2) whose module name matches
+    a pattern in `targets` with a LoRALinear (method="lora"), a GraLoRALinear (method="gralora", k=2 by
+    default; Hybrid when hybrid_r > 0) or a Hybrid GraLoRALinear (method="hybrid", hybrid_r > 0), then
+    freeze every other parameter. Returns the wrapped names.
+
+    A name matches a pattern if it equals it, ends with "." + pattern, or fnmatch-matches it:
+    targets=["c_attn", "mlp.*"] wraps "h.0.attn.c_attn" and "h.0.mlp.c_fc".
+
+    Everything is checked before any layer is replaced, so a ValueError leaves the model as it was. A rank
+    above a matched layer's min(in_features, out_features) is an error, not a warning: the update never
+    reaches it, so the extra parameters train for nothing, and a pattern that reaches a small layer (a
+    router, a classifier head) is most often a slip. Leave that layer out of targets, or lower r.
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple, set)) or not targets or not all(isinstance(p, str) and p for p in targets):
+        raise ValueError(f"targets must be a module-name pattern or a non-empty list of them, got targets={targets!r}")
+    if method not in ("lora", "gralora", "hybrid"):
+        raise ValueError(f"method must be 'lora', 'gralora' or 'hybrid', got method={method!r}")
+    if method == "lora" and (k not in (None, 1) or hybrid_r != 0):
+        raise ValueError(f"k and hybrid_r are GraLoRA options, which method='lora' would ignore (LoRA is k=1, "
+                         f"hybrid_r=0); got k={k!r}, hybrid_r={hybrid_r!r}")
+    if method == "hybrid" and not (isinstance(hybrid_r, numbers.Integral) and hybrid_r > 0):
+        raise ValueError(f"method='hybrid' needs hybrid_r > 0, the rank of its LoRA part; got hybrid_r={hybrid_r!r}")
+    k = 1 if method == "lora" else 2 if k is None else k
+    _check_args(r, k, alpha, dropout, hybrid_r)
+    chosen = _select(model, list(targets))
     for name in chosen:
-        base = model.get_submodule(name)
         try:
-            if method == "lora":
-                layers[name] = LoRALinear(base, r, alpha=alpha, dropout=dropout)
-            else:
-                layers[name] = GraLoRALinear(base, r, k=k, alpha=alpha, dropout=dropout, hybrid_r=hybrid_r)
+            _check_fit(model.get_submodule(name), r, k, hybrid_r)
         except ValueError as err:
-            for p in model.parameters():
-                p.requires_grad_(requires_grad[id(p)])
             raise ValueError(f"cannot adapt {name}: {err}") from None
-    for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+    for name in chosen:  # everything is checked: from here on nothing can fail
+        parent, _, child = name.rpartition(".")
+        base = model.get_submodule(name)
+        layer = (LoRALinear(base, r, alpha, dropout) if method == "lora"
+                 else GraLoRALinear(base, r, k, alpha, dropout, hybrid_r))
+        setattr(model.get_submodule(parent), child, layer)
     mark_only_adapters_trainable(model)
     return chosen
 
@@ -345,7 +348,7 @@ def adapter_layers(model):
     return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, AdapterLinear)]
 
 
-def _adapter_params(model):
+def adapter_parameters(model):
     """(qualified name, parameter) of adapter factors only: each adapter's own, not its base's."""
     return [(f"{name}.{pname}", p) for name, mod in adapter_layers(model)
             for pname, p in mod.named_parameters(recurse=False)]
@@ -354,7 +357,7 @@ def _adapter_params(model):
 def mark_only_adapters_trainable(model):
     """requires_grad=True on adapter factors, False on everything else."""
     model.requires_grad_(False)
-    for _, p in _adapter_params(model):
+    for _, p in adapter_parameters(model):
         p.requires_grad_(True)
 
 
@@ -366,25 +369,25 @@ def adapter_state_dict(model):
     """The adapter factors only (a few MB, not the whole model), detached, ready for torch.save."""
     if any(mod.merged for _, mod in adapter_layers(model)):
         raise ValueError("adapters are merged into the base weights; call unmerge_adapters(model) before saving")
-    return {name: p.detach().clone() for name, p in _adapter_params(model)}
+    return {name: p.detach().clone() for name, p in adapter_parameters(model)}
 
 
 def load_adapter_state_dict(model, state_dict):
     """Load factors saved by adapter_state_dict into a model wrapped the same way (same targets,
     method, r, k, hybrid_r). Raises ValueError on any missing, unexpected or mis-shaped tensor."""
-    params = dict(_adapter_params(model))
+    params = dict(adapter_parameters(model))
     missing = sorted(params.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - params.keys())
-    wrong = [f"{n}: saved {tuple(state_dict[n].shape)} vs model {tuple(p.shape)}"
-             for n, p in params.items() if n in state_dict and state_dict[n].shape != p.shape]
+    wrong = [f"{name}: saved {tuple(state_dict[name].shape)} vs model {tuple(p.shape)}"
+             for name, p in params.items() if name in state_dict and state_dict[name].shape != p.shape]
     if missing or unexpected or wrong:
         raise ValueError(f"adapter state dict does not fit this model: missing={missing}, "
                          f"unexpected={unexpected}, shape mismatches={wrong}")
     if any(mod.merged for _, mod in adapter_layers(model)):
         raise ValueError("adapters are merged; call unmerge_adapters(model) before loading new factors")
     with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(state_dict[n])
+        for name, p in params.items():
+            p.copy_(state_dict[name])
 
 
 def merge_adapters(model):
@@ -431,10 +434,7 @@ def load_peft_gralora(layer, tensors):
         raise ValueError("unmerge the layer before loading factors into it: its merged dW would be lost")
     k, _, s, n = layer.A.shape
     m = layer.B.shape[2]
-    expected = {"gralora_A": (k, n, k * s), "gralora_B": (k, k * s, m)}
-    if layer.hybrid_r > 0:
-        expected["gralora_A_general.weight"] = tuple(layer.hybrid_A.shape)
-        expected["gralora_B_general.weight"] = tuple(layer.hybrid_B.shape)
+    expected = {key: tuple(t.shape) for key, t in to_peft_gralora(layer).items()}
     got = {key: tuple(t.shape) for key, t in tensors.items()}
     if got != expected:
         raise ValueError(f"PEFT tensors {got} do not fit this layer (r={layer.r}, k={k}, "

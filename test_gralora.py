@@ -2,7 +2,8 @@
 
     python -m pytest -q test_gralora.py
 
-Exactness claims (block loop, k = 1 is LoRA, merge = unmerged) are checked in float64.
+Every test runs in float64, torch's default dtype here (conftest's `float64` fixture), so exactness claims
+(block loop, k = 1 is LoRA, merge = unmerged) are checked to ~1e-12; the half-precision test names its dtype.
 FLOPs are measured with torch.utils.flop_counter, the latent with autograd's saved-tensor hooks.
 Everything is small, seeded and runs on the CPU in a few seconds.
 """
@@ -16,7 +17,10 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import gralora
+from conftest import randomize_B
 from gralora import GraLoRALinear, LoRALinear
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 SHAPES = [  # (N, M, r, k)
     (8, 8, 4, 2),
@@ -27,20 +31,12 @@ SHAPES = [  # (N, M, r, k)
 ]
 
 
-def make(N, M, r, k=1, hybrid_r=0, dtype=torch.float64, random_B=True, seed=0, **kw):
+def make(N, M, r, k=1, hybrid_r=0, dtype=None, random_B=True, seed=0, **kw):
     """A GraLoRALinear (or LoRALinear when k is None) with non-zero B, so dW != 0."""
     torch.manual_seed(seed)
     base = nn.Linear(N, M, dtype=dtype)
-    if k is None:
-        layer = LoRALinear(base, r, **kw)
-    else:
-        layer = GraLoRALinear(base, r, k=k, hybrid_r=hybrid_r, **kw)
-    if random_B:
-        with torch.no_grad():
-            for name, p in layer.named_parameters():
-                if name.endswith("B"):
-                    p.normal_()
-    return layer
+    layer = LoRALinear(base, r, **kw) if k is None else GraLoRALinear(base, r, k=k, hybrid_r=hybrid_r, **kw)
+    return randomize_B(layer, seed) if random_B else layer
 
 
 def block_loop(layer, x):
@@ -67,9 +63,9 @@ def block_loop(layer, x):
 @pytest.mark.parametrize("hybrid_r", [0, 2])
 def test_forward_equals_block_loop(N, M, r, k, lead, hybrid_r):
     layer = make(N, M, r, k, hybrid_r=hybrid_r)
-    x = torch.randn(*lead, N, dtype=torch.float64)
+    x = torch.randn(*lead, N)
     y = layer(x)
-    assert y.shape == (*lead, M)
+    assert y.shape == (*lead, M) and y.dtype == torch.float64  # the float64 fixture is in force
     torch.testing.assert_close(y, block_loop(layer, x), rtol=1e-12, atol=1e-12)
 
 
@@ -83,7 +79,7 @@ def test_delta_weight_blocks(N, M, r, k):
         for j in range(k):
             block = dW[i * m:(i + 1) * m, j * n:(j + 1) * n]
             torch.testing.assert_close(block, layer.scaling * layer.B[i, j] @ layer.A[i, j], rtol=0, atol=1e-12)
-    x = torch.randn(7, N, dtype=torch.float64)
+    x = torch.randn(7, N)
     torch.testing.assert_close(layer(x), layer.base(x) + x @ dW.T, rtol=1e-12, atol=1e-12)
 
 
@@ -95,7 +91,7 @@ def test_k1_is_lora():
         gra.A[0, 0].copy_(lora.A)
         gra.B[0, 0].copy_(lora.B)
     assert gra.scaling == lora.scaling == 2.0
-    x = torch.randn(3, 4, 12, dtype=torch.float64)
+    x = torch.randn(3, 4, 12)
     torch.testing.assert_close(gra(x), lora(x), rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(gra.delta_weight(), lora.delta_weight(), rtol=1e-13, atol=1e-13)
 
@@ -103,7 +99,7 @@ def test_k1_is_lora():
 @pytest.mark.parametrize("k", [None, 1, 2, 4])
 def test_fresh_adapter_leaves_base_unchanged(k):
     layer = make(16, 8, 8, k, random_B=False)
-    x = torch.randn(4, 16, dtype=torch.float64)
+    x = torch.randn(4, 16)
     assert torch.equal(layer(x), layer.base(x))
     assert torch.count_nonzero(layer.delta_weight()) == 0
     assert torch.count_nonzero(layer.A) > 0  # A is random, only B starts at zero
@@ -124,7 +120,7 @@ def test_init_and_defaults():
 
 def test_dropout_only_on_adapter_path_and_only_in_training():
     layer = make(16, 16, 4, k=2, dropout=0.5)
-    x = torch.randn(64, 16, dtype=torch.float64)
+    x = torch.randn(64, 16)
     layer.train()
     assert not torch.equal(layer(x), layer(x))  # a fresh mask each call
     layer.eval()
@@ -158,10 +154,11 @@ def measured_flops(layer, x):
 @pytest.mark.parametrize("N,M,r,k", SHAPES)
 @pytest.mark.parametrize("hybrid_r", [0, 2])
 def test_flops_measured_equal_lora_and_formula(N, M, r, k, hybrid_r):
-    x = torch.randn(3, 7, N, dtype=torch.float64)
+    x = torch.randn(3, 7, N)
     T = 21
     gra_fwd, gra_bwd = measured_flops(make(N, M, r, k, hybrid_r=hybrid_r), x)
-    lora_fwd, lora_bwd = measured_flops(make(N, M, r + hybrid_r, None), x)
+    loras = [measured_flops(make(N, M, rank, None), x) for rank in (r, hybrid_r) if rank]  # LoRA at r, + the hybrid's
+    lora_fwd, lora_bwd = (sum(counts) for counts in zip(*loras))
     assert gra_fwd == lora_fwd == gralora.adapter_flops(T, N, M, r, k, hybrid_r) == 2 * T * (r + hybrid_r) * (N + M)
     assert gra_bwd == lora_bwd == 2 * gra_fwd
 
@@ -197,7 +194,7 @@ def count_ops_block_loop(layer, x):
 def test_exact_flops_match_scalar_count(k):
     N, M, r, T = 8, 4, 4, 3
     layer = make(N, M, r, k)
-    x = torch.randn(T, N, dtype=torch.float64)
+    x = torch.randn(T, N)
     out, ops = count_ops_block_loop(layer, x)
     with torch.no_grad():
         torch.testing.assert_close(layer.scaling * out, layer.adapter(x), rtol=1e-12, atol=1e-12)
@@ -222,7 +219,7 @@ def saved_activation_numel(layer, x):
 @pytest.mark.parametrize("hybrid_r", [0, 2])
 def test_latent_is_k_times_lora(N, M, r, k, hybrid_r):
     T = 37
-    x = torch.randn(T, N, dtype=torch.float64)
+    x = torch.randn(T, N)
     assert saved_activation_numel(make(N, M, r, None), x) == T * r == gralora.adapter_latent(T, r)
     got = saved_activation_numel(make(N, M, r, k, hybrid_r=hybrid_r), x)
     assert got == T * (k * r + hybrid_r) == gralora.adapter_latent(T, r, k, hybrid_r)
@@ -249,8 +246,8 @@ def test_gradient_locality():
     slice's signal reaches the whole update."""
     N, M, r, k, j = 16, 16, 8, 4, 1
     n = N // k
-    x = torch.zeros(10, N, dtype=torch.float64)
-    x[:, j * n:(j + 1) * n] = torch.randn(10, n, dtype=torch.float64)
+    x = torch.zeros(10, N)
+    x[:, j * n:(j + 1) * n] = torch.randn(10, n)
     layer = make(N, M, r, k)
     layer(x).pow(2).sum().backward()
     for jj in range(k):
@@ -269,7 +266,7 @@ def test_only_adapter_parameters_train():
     wrapped = gralora.add_adapters(model, ["0", "2"], method="gralora", r=4, k=2)
     assert wrapped == ["0", "2"]
     model(torch.randn(5, 8)).sum().backward()
-    adapter_ids = {id(p) for _, p in gralora._adapter_params(model)}
+    adapter_ids = {id(p) for _, p in gralora.adapter_parameters(model)}
     assert len(adapter_ids) == 4  # A and B of two layers
     for name, p in model.named_parameters():
         is_adapter = id(p) in adapter_ids
@@ -284,7 +281,7 @@ def test_only_adapter_parameters_train():
 @pytest.mark.parametrize("k,hybrid_r", [(None, 0), (2, 0), (4, 0), (2, 4)])
 def test_merge_unmerge_exact_and_idempotent(k, hybrid_r):
     layer = make(16, 24, 8, k, hybrid_r=hybrid_r)
-    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    x = torch.randn(3, 5, 16)
     W0, y0, dW = layer.base.weight.clone(), layer(x), layer.delta_weight()
     layer.merge()
     assert layer.merged
@@ -326,7 +323,7 @@ def tiny_model(seed=0):
     return nn.ModuleDict({
         "attn": nn.ModuleDict({"c_attn": nn.Linear(16, 48), "c_proj": nn.Linear(16, 16)}),
         "mlp": nn.ModuleDict({"c_fc": nn.Linear(16, 64), "c_proj": nn.Linear(64, 16)}),
-    }).double()
+    })
 
 
 def run(model, x):
@@ -339,10 +336,8 @@ def test_save_load_and_merge_all(method, kw):
     model = tiny_model()
     names = gralora.add_adapters(model, ["c_attn", "c_proj", "mlp.*"], method=method, r=8, **kw)
     assert names == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
-    with torch.no_grad():
-        for _, p in gralora._adapter_params(model):
-            p.normal_()
-    x = torch.randn(3, 16, dtype=torch.float64)
+    randomize_B(model)
+    x = torch.randn(3, 16)
     y = run(model, x)
     sd = gralora.adapter_state_dict(model)
     assert sum(t.numel() for t in sd.values()) == gralora.count_trainable_params(model)
@@ -384,7 +379,7 @@ def test_helpers_error_clearly():
     with pytest.raises(ValueError, match=r"no nn.Linear or Conv1D matches targets=\['q_proj'\]; "
                                          r"the model's Linear/Conv1D modules are \['attn.c_attn',"):
         gralora.add_adapters(model, ["q_proj"])
-    with pytest.raises(ValueError, match="method must be 'lora' or 'gralora', got method='dora'"):
+    with pytest.raises(ValueError, match="method must be 'lora', 'gralora' or 'hybrid', got method='dora'"):
         gralora.add_adapters(model, ["c_fc"], method="dora")
     tied = nn.ModuleDict({"wte": nn.Embedding(10, 16), "lm_head": nn.Linear(16, 10, bias=False)})
     tied["lm_head"].weight = tied["wte"].weight
@@ -420,14 +415,20 @@ def test_wrapping_twice_is_refused():
     (dict(targets=None), r"targets must be a module-name pattern or a non-empty list of them, got targets=None"),
     (dict(targets=[]), r"got targets=\[\]"),
     (dict(targets=["c_fc", 3]), r"got targets=\['c_fc', 3\]"),
-    (dict(method="lora", hybrid_r=4), r"hybrid_r=4 is a GraLoRA option; method='lora' would ignore it"),
-    (dict(method="lora", k=4), r"k=4 is a GraLoRA option; method='lora' would ignore it"),
+    (dict(method="lora", hybrid_r=4), r"GraLoRA options, which method='lora' would ignore .*; got k=None, hybrid_r=4"),
+    (dict(method="lora", k=4), r"GraLoRA options, which method='lora' would ignore .*; got k=4, hybrid_r=0"),
+    (dict(method="hybrid"), r"method='hybrid' needs hybrid_r > 0, the rank of its LoRA part; got hybrid_r=0"),
+    (dict(method="hybrid", hybrid_r=-2), r"method='hybrid' needs hybrid_r > 0.*; got hybrid_r=-2"),
+    (dict(r=0), r"r must be a positive integer, got r=0"),
+    (dict(k=3), r"cannot adapt mlp.c_fc: in_features=16 is not divisible by k=3"),
+    (dict(r=32), r"cannot adapt mlp.c_fc: r=32 is more than a layer with in_features=16, out_features=64 can use"),
+    (dict(alpha="16"), r"alpha must be a number .*, got alpha='16'"),
 ])
 def test_add_adapters_bad_arguments(kwargs, message):
     model = tiny_model()
     with pytest.raises(ValueError, match=message):
         gralora.add_adapters(model, **{"targets": ["c_fc"], **kwargs})
-    assert not gralora.adapter_layers(model)
+    assert not gralora.adapter_layers(model) and all(p.requires_grad for p in model.parameters())  # untouched
     assert gralora.add_adapters(tiny_model(), ["c_fc"], method="lora", k=1, r=4) == ["mlp.c_fc"]  # k=1 is LoRA
 
 
@@ -444,6 +445,7 @@ def test_add_adapters_bad_arguments(kwargs, message):
     (dict(r=True), r"r must be a positive integer, got r=True"),
     (dict(r=4, dropout=1.0), r"dropout must be a probability in \[0, 1\), got dropout=1.0"),
     (dict(r=4, dropout=-0.1), r"dropout must be a probability in \[0, 1\), got dropout=-0.1"),
+    (dict(r=4, alpha="16"), r"alpha must be a number \(or None: 2 \* \(r \+ hybrid_r\)\), got alpha='16'"),
 ])
 def test_bad_arguments(kwargs, message):
     N, M = kwargs.pop("in_features", 16), kwargs.pop("out_features", 16)
@@ -458,6 +460,54 @@ def test_non_linear_base():
         LoRALinear(nn.Conv1d(4, 4, 1), r=2)
     with pytest.raises(ValueError, match="r must be a positive integer, got r=0"):
         LoRALinear(nn.Linear(4, 4), r=0)
+
+
+@pytest.mark.parametrize("N,M,k", [(16, 16, 1), (16, 6, 2), (24, 48, 4)])
+def test_rank_bound_is_the_smaller_side(N, M, k):
+    """r = min(N, M) is accepted, and the update reaches that rank (each (M/k, N/k) block its full rank r/k),
+    so the bound is not too strict; the next r that k divides is refused, naming r, in_features, out_features."""
+    top = min(N, M)
+    layer = make(N, M, top, k if k > 1 else None)
+    dW = layer.delta_weight()
+    assert torch.linalg.matrix_rank(dW) == top
+    m, n = M // k, N // k
+    assert all(torch.linalg.matrix_rank(dW[i * m:(i + 1) * m, j * n:(j + 1) * n]) == top // k
+               for i in range(k) for j in range(k))
+    per_block = f", {top // k} per block at k={k}" if k > 1 else ""
+    with pytest.raises(ValueError, match=rf"^r={top + k} is more than a layer with in_features={N}, out_features={M} "
+                                         rf"can use \(rank at most {top}{per_block}\): a larger rank only adds"):
+        make(N, M, top + k, k if k > 1 else None)
+
+
+def test_rank_larger_than_the_layer_is_refused():
+    """The newcomer's case: LoRA r=64 on a 16 x 16 Linear would train 2,048 parameters for 256 weights."""
+    with pytest.raises(ValueError, match=r"r=64 is more than a layer with in_features=16, out_features=16 can use"):
+        LoRALinear(nn.Linear(16, 16), r=64)
+    with pytest.raises(ValueError, match=r"hybrid_r=12 is more than a layer with in_features=16, out_features=8 can "
+                                         r"use \(rank at most 8\)"):
+        GraLoRALinear(nn.Linear(16, 8), r=4, k=2, hybrid_r=12)
+    model = nn.ModuleDict({"wide": nn.Linear(64, 64), "small": nn.Linear(16, 16)})  # r=64 fits only the first
+    with pytest.raises(ValueError, match=r"cannot adapt small: r=64 is more than a layer with in_features=16, "
+                                         r"out_features=16 can use"):
+        gralora.add_adapters(model, ["wide", "small"], method="lora", r=64)
+    assert not gralora.adapter_layers(model) and all(p.requires_grad for p in model.parameters())  # untouched
+
+
+def test_method_hybrid_is_gralora_with_a_lora_part():
+    """method="hybrid" builds what method="gralora" builds with the same hybrid_r, and k defaults to 2."""
+    models = {}
+    for method in ("hybrid", "gralora"):
+        models[method] = tiny_model()
+        torch.manual_seed(1)
+        names = gralora.add_adapters(models[method], ["mlp.*"], method=method, r=4, hybrid_r=4)
+        assert names == ["mlp.c_fc", "mlp.c_proj"]
+    layers = gralora.adapter_layers(models["hybrid"])
+    assert all(isinstance(layer, GraLoRALinear) and (layer.k, layer.hybrid_r) == (2, 4) for _, layer in layers)
+    hybrid, plain = (gralora.adapter_state_dict(models[method]) for method in ("hybrid", "gralora"))
+    assert hybrid.keys() == plain.keys() and all(torch.equal(hybrid[key], plain[key]) for key in hybrid)
+    assert "mlp.c_fc.hybrid_A" in hybrid
+    torch.manual_seed(1)
+    gralora.add_adapters(tiny_model(), ["mlp.c_fc"], method="hybrid", r=4, k=4, hybrid_r=4)  # k=4: 16 and 64 divide
 
 
 def test_numpy_integers_are_integers():
@@ -477,7 +527,7 @@ def test_peft_layout_round_trip(k, hybrid_r):
     tensors = gralora.to_peft_gralora(src)
     assert tensors["gralora_A"].shape == (k, 16 // k, 8) and tensors["gralora_B"].shape == (k, 8, 24 // k)
     gralora.load_peft_gralora(dst, tensors)
-    x = torch.randn(5, 16, dtype=torch.float64)
+    x = torch.randn(5, 16)
     assert torch.equal(dst(x), src(x))
     with pytest.raises(ValueError, match="do not fit this layer"):
         gralora.load_peft_gralora(make(16, 24, 8, 2 if k != 2 else 4), tensors)
@@ -493,7 +543,7 @@ def test_same_outputs_as_peft(k, hybrid_r):
     """Carry an adapter to PEFT's GraLoRA tuner and back; both compute the same function."""
     peft = pytest.importorskip("peft")
     ours = make(16, 24, 8, k, hybrid_r=hybrid_r, alpha=12)
-    model = nn.Sequential(nn.Linear(16, 24, dtype=torch.float64))
+    model = nn.Sequential(nn.Linear(16, 24))
     model[0].load_state_dict(ours.base.state_dict())
     config = peft.GraloraConfig(r=8, gralora_k=k, hybrid_r=hybrid_r, alpha=12, target_modules=["0"])
     pmodel = peft.get_peft_model(model, config)
@@ -503,7 +553,7 @@ def test_same_outputs_as_peft(k, hybrid_r):
             name, _, sub = key.partition(".")
             target = getattr(peft_layer, name)["default"]
             (getattr(target, sub) if sub else target).copy_(t)
-    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    x = torch.randn(2, 5, 16)
     torch.testing.assert_close(pmodel(x), ours(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(peft_layer.get_delta_weight("default"), ours.delta_weight(), rtol=1e-12, atol=1e-12)
     back = make(16, 24, 8, k, hybrid_r=hybrid_r, alpha=12, seed=3)
@@ -522,7 +572,7 @@ def test_same_outputs_as_peft(k, hybrid_r):
 def encoder(seed=0):
     torch.manual_seed(seed)
     layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
-    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).double()
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
 
 
 def with_weights(model, reference, x):
@@ -544,14 +594,12 @@ def test_transformer_encoder(targets, method, kw, monkeypatch):
     monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", lambda *a: fast_path.append(1) or fused(*a))
     reference, model = encoder(), encoder()
     gralora.add_adapters(model, targets, method=method, r=8, **kw)
-    with torch.no_grad():
-        for _, p in gralora._adapter_params(model):
-            p.normal_()
-    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    randomize_B(model)
+    x = torch.randn(3, 5, 16)
     # training mode: the slow path, which calls linear1/linear2 but still reads out_proj.weight
     y = model.train()(x)
     torch.testing.assert_close(y, with_weights(model, reference.train(), x), rtol=1e-12, atol=1e-12)
-    params = [p for _, p in gralora._adapter_params(model)]
+    params = [p for _, p in gralora.adapter_parameters(model)]
     grads = torch.autograd.grad(y.pow(2).sum(), params)
     expected = torch.autograd.grad(with_weights(model, reference, x).pow(2).sum(), params)
     for g, e in zip(grads, expected):
@@ -575,7 +623,7 @@ def test_weight_read_directly_refuses_dropout_in_training():
     """Adapter dropout acts on the module's input, which code reading .weight never passes through it."""
     model = encoder()
     gralora.add_adapters(model, ["out_proj"], r=4, k=2, dropout=0.1)
-    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    x = torch.randn(2, 3, 16)
     with pytest.raises(RuntimeError, match=r"weight is read directly, bypassing forward\(\), so its dropout=0.1"):
         model.train()(x)
     model.eval()(x)  # no dropout in eval: fine
@@ -609,15 +657,12 @@ class Conv1D(nn.Module):
 @pytest.mark.parametrize("k,hybrid_r", [(None, 0), (2, 0), (4, 4)])
 def test_conv1d_base(k, hybrid_r):
     torch.manual_seed(0)
-    conv = Conv1D(24, 16).double()  # N = 16 in, M = 24 out
+    conv = Conv1D(24, 16)  # N = 16 in, M = 24 out
     W0 = conv.weight.detach().clone()
     layer = LoRALinear(conv, 8) if k is None else GraLoRALinear(conv, 8, k=k, hybrid_r=hybrid_r)
     assert (layer.in_features, layer.out_features) == (16, 24)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if name.endswith("B"):
-                p.normal_()
-    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    randomize_B(layer)
+    x = torch.randn(2, 5, 16)
     dW = layer.delta_weight()  # (M, N), as for an nn.Linear
     y = layer(x)
     torch.testing.assert_close(y, conv(x) + x @ dW.T, rtol=1e-12, atol=1e-12)
@@ -632,17 +677,15 @@ def test_conv1d_base(k, hybrid_r):
 def test_conv1d_model_save_load_merge():
     def model(seed=0):
         torch.manual_seed(seed)
-        return nn.ModuleDict({"c_attn": Conv1D(48, 16), "c_proj": Conv1D(16, 16), "mlp": nn.Linear(16, 16)}).double()
+        return nn.ModuleDict({"c_attn": Conv1D(48, 16), "c_proj": Conv1D(16, 16), "mlp": nn.Linear(16, 16)})
 
     def run(m, x):
         return m["mlp"](m["c_proj"](m["c_attn"](x)[..., :16]))
 
     src = model()
     assert gralora.add_adapters(src, ["c_attn", "c_proj", "mlp"], r=4, k=2) == ["c_attn", "c_proj", "mlp"]
-    with torch.no_grad():
-        for _, p in gralora._adapter_params(src):
-            p.normal_()
-    x = torch.randn(3, 16, dtype=torch.float64)
+    randomize_B(src)
+    x = torch.randn(3, 16)
     y = run(src, x)
     dst = model()
     gralora.add_adapters(dst, ["c_attn", "c_proj", "mlp"], r=4, k=2)
@@ -658,20 +701,18 @@ def test_hf_gpt2(method, kw):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)
     torch.manual_seed(0)
-    reference = transformers.GPT2LMHeadModel(config).double().eval()
+    reference = transformers.GPT2LMHeadModel(config).eval()
     model = copy.deepcopy(reference)
     names = gralora.add_adapters(model, ["c_attn", "c_proj", "c_fc"], method=method, r=4, **kw)
     assert len(names) == 8 and all(type(model.get_submodule(n).base).__name__ == "Conv1D" for n in names)
-    with torch.no_grad():
-        for _, p in gralora._adapter_params(model):
-            p.normal_()
+    randomize_B(model)
     ids = torch.randint(50, (2, 7))
     logits = model(ids).logits
     expected = with_weights(model, reference, ids).logits
     torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(reference(ids).logits, expected)
     logits.sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in gralora._adapter_params(model))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in gralora.adapter_parameters(model))
     other = copy.deepcopy(reference)
     gralora.add_adapters(other, ["c_attn", "c_proj", "c_fc"], method=method, r=4, **kw)
     gralora.load_adapter_state_dict(other, gralora.adapter_state_dict(model))

@@ -10,8 +10,8 @@
    GraLoRA-wrapped model. After backward, the adapter gradients
    (averaged across the processes by DDP) equal one process's gradients on the full batch, in
    float64; only adapter factors get gradients; and a few SGD steps land on the same factors.
-   Each worker tears its process group down before it exits (see _ddp_worker): a flaky SIGABRT most likely
-   came from doing that during interpreter exit.
+   Each worker waits at a barrier, frees DDP and destroys its process group before it returns, while its
+   interpreter is fully alive (see _ddp_worker).
 """
 
 import datetime
@@ -29,15 +29,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import gralora
-
-
-def _randomize_B(model, seed):
-    """Trained-looking adapters: B != 0, so every factor gets a non-zero gradient."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in gralora._adapter_params(model):
-            if p.dim() >= 2 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+from conftest import randomize_B
 
 
 # ---------------------------------------------------------------- torch.compile
@@ -65,7 +57,7 @@ def test_compile_matches_eager():
         gralora.GraLoRALinear(nn.Linear(24, 24), r=8, k=2),
         gralora.GraLoRALinear(nn.Linear(24, 16), r=8, k=4, hybrid_r=4),
     )
-    _randomize_B(model, seed=1)
+    randomize_B(model, seed=1)
     x = torch.randn(3, 5, 16)
     grad_out = torch.randn(3, 5, 16)
 
@@ -108,8 +100,8 @@ def _model():
     torch.manual_seed(0)
     model = _MLP().double()
     gralora.add_adapters(model, ["c_fc"], method="gralora", r=8, k=2)
-    gralora.add_adapters(model, ["c_proj"], method="gralora", r=8, k=4, hybrid_r=4)
-    _randomize_B(model, seed=1)
+    gralora.add_adapters(model, ["c_proj"], method="hybrid", r=8, k=4, hybrid_r=4)
+    randomize_B(model, seed=1)
     return model
 
 
@@ -139,12 +131,10 @@ def _train(model, forward, batches, rank=0, world=1):
 
 
 def _ddp_worker(rank, world, out_dir):
-    """One DDP process. The teardown order matters: DDP sits in a reference cycle and holds the process
-    group, so without the explicit release below the group's C++ side (gloo's threads and pairs, and on
-    rank 0 the rendezvous store's server) is freed by the garbage collector during interpreter exit, after
-    destroy_process_group; that is the likely cause (not reproduced here) of rank 0's occasional SIGABRT
-    ("terminate called without an active exception"). So: a barrier (no rank tears down while the other still talks to it), then DDP
-    freed, then the group destroyed, all while the interpreter is fully alive."""
+    """One DDP process, torn down in a fixed order before it returns: a barrier (no rank tears down while
+    the other still talks to it), then DDP freed (it sits in a reference cycle and holds the process group,
+    so gc.collect() releases it here rather than the garbage collector at interpreter exit), then the
+    group destroyed, gloo's threads and connections and, on rank 0, the rendezvous store's server with it."""
     torch.set_num_threads(1)
     store = pathlib.Path(out_dir, "rendezvous").as_uri()  # a file: no free port to pick, nothing to race for
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world,
@@ -183,7 +173,7 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
 
     single = _model()
     grads, names, factors = _train(single, single, _batches())
-    adapter_names = sorted(n for n, _ in gralora._adapter_params(single))
+    adapter_names = sorted(n for n, _ in gralora.adapter_parameters(single))
     assert names == adapter_names  # only adapter factors get gradients
     for rank in range(world):
         r_grads, r_names, r_factors = torch.load(tmp_path / f"rank{rank}.pt")
