@@ -1,4 +1,10 @@
-"""Tests of passes() on each platform's path, all run here by forcing the fallbacks.
+"""Tests of passes(), the contained execution of model-written code: what it judges, and on each platform's path.
+
+    python -m pytest -q test_evaluate.py
+
+A list of correct, wrong, broken and hostile programs (attacks on a file outside the sandbox and on another
+process), each judged right, none touching what lies outside its sandbox; programs that hang, judged failed
+within the timeout.
 
 passes() picks its guards in one place, tiny_gpt.evaluate._guards(), from what the platform has: `resource`
 (rlimits), os.setsid and os.killpg (process groups), os.waitid (waiting without reaping). Each path below
@@ -10,12 +16,12 @@ removes some of these, as on macOS before Python 3.13 or on Windows, and then ch
     and hangs, which must be judged failed within the timeout plus MARGIN;
   * that passes() neither raises nor warns on an ordinary program (a warning means the child never got its
     guards set, and a verdict reached that way would be no verdict at all).
-
-test_tiny_gpt.py keeps the list of hostile programs (files outside the sandbox, other processes).
+These forced paths run on Linux only (as CI does); the hostile list runs everywhere.
 """
 
 import collections
 import os
+import pathlib
 import subprocess
 import sys
 import threading
@@ -25,16 +31,95 @@ import warnings
 
 import pytest
 
+from conftest import GOOD, TEST
 from tiny_gpt import evaluate
 from tiny_gpt.evaluate import passes
 
-if sys.platform != "linux":
-    pytest.skip("forces the other platforms' paths from Linux, as CI does", allow_module_level=True)
-import resource  # noqa: E402
-
+try:
+    import resource  # POSIX only: imported here, before a forced path can make it unimportable
+except ImportError:
+    resource = None
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="forces the other platforms' paths from Linux, "
+                                "as CI does")
 MARGIN = 1.5  # seconds passes() may take beyond its timeout: killing and reaping the child, under load
-GOOD = "def f(x):\n    return x + 1\n"
-TEST = "assert f(1) == 2\nassert f(41) == 42\n"
+
+
+# ---------------------------------------------------------------- what passes() judges: hostile programs
+
+
+def hostile_programs(victim, bystander_pid):
+    """(name, program, expected) triples: the correct program, wrong and broken ones, and attacks on a file
+    outside the sandbox (`victim`) and on another process (`bystander_pid`, a harmless `sleep`)."""
+    v = repr(str(victim))
+    d = repr(str(victim.parent))
+    return [
+        ("correct", GOOD, True),
+        ("correct, writes inside its sandbox", "open('scratch.txt', 'w').write('ok')\n" + GOOD, True),
+        ("wrong answer", "def f(x):\n    return x\n", False),
+        ("syntax error", "def f(x)\n    return x + 1\n", False),
+        ("raises", "def f(x):\n    raise RuntimeError('no')\n", False),
+        ("missing function", "def g(x):\n    return x + 1\n", False),
+        ("prints the right-looking output", "print('True')\nprint('OK')\ndef f(x):\n    return 0\n", False),
+        ("sys.exit(0) before the asserts", GOOD + "import sys\nsys.exit(0)\n", False),
+        ("exit in f", "def f(x):\n    import sys\n    sys.exit(0)\n", False),
+        ("os._exit(0) before the asserts", GOOD + "import os\nos._exit(0)\n", False),
+        ("memory bomb", "x = bytearray(8 * 2**30)\n" + GOOD, False),
+        ("list memory bomb", "x = [0] * 2**31\n" + GOOD, False),
+        ("stdout flood", GOOD + "print('x' * 2_000_000)\n", False),  # passes only without the file-size cap
+        ("os.fork", "import os\nos.fork()\n" + GOOD, False),
+        ("subprocess", "import subprocess\nsubprocess.run(['rm', " + v + "])\n" + GOOD, False),
+        ("os.system", "import os\nos.system('rm " + str(victim) + "')\n" + GOOD, False),
+        ("os.remove outside", "import os\nos.remove(" + v + ")\n" + GOOD, False),
+        ("shutil.rmtree outside", "import shutil\nshutil.rmtree(" + d + ")\n" + GOOD, False),
+        ("overwrite outside", "open(" + v + ", 'w').write('pwned')\n" + GOOD, False),
+        ("os.open outside", "import os\nos.open(" + v + ", os.O_WRONLY | os.O_TRUNC)\n" + GOOD, False),
+        ("rename outside", "import os\nos.rename(" + v + ", 'stolen')\n" + GOOD, False),
+        ("kill a process", f"import os, signal\nos.kill({bystander_pid}, signal.SIGKILL)\n" + GOOD, False),
+        ("pidfd kill", f"import os, signal\nsignal.pidfd_send_signal(os.pidfd_open({bystander_pid}), 9)\n" + GOOD,
+         False),
+        ("io.FileIO outside", "import io\nio.FileIO(" + v + ", 'w').write(b'pwned')\n" + GOOD, False),
+        ("_io.open outside", "import _io\n_io.open(" + v + ", 'w').write('pwned')\n" + GOOD, False),
+        ("os.open with dir_fd", "import os\nos.open('precious.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=os.open("
+         + d + ", os.O_RDONLY))\n" + GOOD, False),
+        ("fchmod outside", "import os\nos.fchmod(os.open(" + v + ", os.O_RDONLY), 0)\n" + GOOD, False),
+        ("mkdir outside", "import os\nos.mkdir(" + repr(str(victim.parent / "made")) + ")\n" + GOOD, False),
+    ]
+
+
+HOSTILE = [name for name, _, _ in hostile_programs(pathlib.Path("victim"), 0)]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_passes_judges_each_program_right(tmp_path, name):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    mode = victim.stat().st_mode
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        program, expected = {n: (p, e) for n, p, e in hostile_programs(victim, bystander.pid)}[name]
+        assert passes(program, TEST) is expected, name
+        assert bystander.poll() is None, name  # the other process lives
+    finally:
+        bystander.kill()
+        bystander.wait()
+    assert victim.read_text() == "keep me" and victim.stat().st_mode == mode, name  # untouched, outside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"], name  # nothing created outside
+
+
+@pytest.mark.parametrize("program", ["while True:\n    pass\n", "import time\ntime.sleep(60)\n",
+                                     "def f(x):\n    while True:\n        pass\n"])
+def test_passes_times_out(program):
+    start = time.monotonic()
+    assert passes(program, TEST, timeout=1.0) is False
+    assert time.monotonic() - start < 1.0 + 2.0
+
+
+def test_hostile_list_is_complete():
+    """28 programs, each name once (the test above finds each program by its name)."""
+    assert len(HOSTILE) == len(set(HOSTILE)) == 28
+
+
+# ---------------------------------------------------------------- each platform's path, forced
 
 # Each path: (as if on ..., attributes of os removed, `resource` importable, sys.platform).
 PATHS = {
@@ -150,6 +235,7 @@ def assert_path_taken(expected, calls):
         assert not hasattr(os, "killpg") and calls["Popen.kill"] > 0, calls
 
 
+@linux_only
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
 def test_passes_verdicts_on_each_path(path, case):
     expected, calls = path
@@ -165,6 +251,7 @@ def test_passes_verdicts_on_each_path(path, case):
         assert seconds < 4.0  # ended by the child's exit, not by the timeout
 
 
+@linux_only
 def test_child_gets_the_guards_of_its_path(path):
     """The child reports its own rlimits and process group: what _guards() promised is what it got."""
     expected, calls = path
@@ -181,6 +268,7 @@ def test_child_gets_the_guards_of_its_path(path):
     assert_path_taken(expected, calls)
 
 
+@linux_only
 def test_a_guard_that_cannot_be_set_fails_and_warns():
     """If the child cannot set a guard it was asked for, the program is judged failed, loudly: here an
     address-space cap too large for setrlimit (OverflowError in the child, as macOS gives ValueError)."""
@@ -205,6 +293,7 @@ def marked_processes(marker):
     return pids
 
 
+@linux_only
 @pytest.mark.parametrize("path", [name for name, (removed, *_) in PATHS.items() if "killpg" not in removed],
                          indirect=True)  # without process groups only the child is killed (see evaluate.py)
 @pytest.mark.parametrize("end", ["exits", "hangs"])
