@@ -552,32 +552,56 @@ def finetune_study(base_state, preset, runs, out_path, channel=0, device="cpu", 
             states[scale] = planted_state(base_state, preset.gpt, scale, channel)
         t0 = time.time()
         result = finetune(states[scale], method, rank, seed=seed, preset=preset, device=device, log=lambda s: None)
-        model = result.pop("model")
-        val_loss, val_loss_se = completion_loss_se(model, val_examples, device)
-        p, n_test = result["pass_at_1"], preset.train.n_test
-        row = dict(method=method, r=result["r"], k=result["k"], hybrid_r=result["hybrid_r"], seed=seed,
-                   outlier_scale=scale, lr=result["lr"], trainable_params=result["trainable_params"],
-                   val_loss=val_loss, val_loss_se=val_loss_se,
-                   pass_at_1=p, pass_at_1_se=math.sqrt(p * (1 - p) / n_test),
-                   seconds=result["seconds"], rank_budget=rank, n_val=len(val_examples), n_test=n_test,
-                   final_train_loss=result["curve"][-1][1] if result["curve"] else None)
+        row = study_row(result, method, rank, scale, seed, val_examples, preset.train.n_test, device)
         rows.append(row)
         write_json(out_path, rows)
-        log(f"[{i + 1}/{len(todo)}] {method} rank={rank} outlier x{scale:g} seed={seed}: val {val_loss:.4f} "
-            f"+- {val_loss_se:.4f}, pass@1 {100 * p:.1f} +- {100 * row['pass_at_1_se']:.1f} % | "
-            f"train {result['seconds']:.0f}s, "
-            f"total {time.time() - t0:.0f}s, elapsed {(time.time() - start) / 60:.1f} min")
+        scores = ("training diverged" if row.get("diverged") else
+                  f"val {row['val_loss']:.4f} +- {row['val_loss_se']:.4f}, "
+                  f"pass@1 {100 * row['pass_at_1']:.1f} +- {100 * row['pass_at_1_se']:.1f} %")
+        log(f"[{i + 1}/{len(todo)}] {method} rank={rank} outlier x{scale:g} seed={seed}: {scores} | "
+            f"train {result['seconds']:.0f}s, total {time.time() - t0:.0f}s, "
+            f"elapsed {(time.time() - start) / 60:.1f} min")
     return rows
 
 
-def _label(row):
-    return row["method"] if row["method"] == "fft" else f"{row['method']} r={row['rank_budget']}"
+def study_row(result, method, rank, scale, seed, val_examples, n_test, device):
+    """The JSON row of one run from tiny_gpt.train.finetune's result: val loss with its standard error over
+    tasks, pass@1 with its binomial standard error. A run whose training loss turned non-finite has
+    diverged=True and no scores (val_loss, pass_at_1 and their errors are None); the tables leave it out and
+    say so."""
+    model = result.pop("model")
+    diverged = bool(result.get("diverged"))
+    val_loss, val_loss_se = (None, None) if diverged else completion_loss_se(model, val_examples, device)
+    p = None if diverged else result["pass_at_1"]
+    final = result["curve"][-1][1] if result["curve"] else None
+    row = dict(method=method, r=result["r"], k=result["k"], hybrid_r=result["hybrid_r"], seed=seed,
+               outlier_scale=scale, lr=result["lr"], trainable_params=result["trainable_params"],
+               val_loss=val_loss, val_loss_se=val_loss_se,
+               pass_at_1=p, pass_at_1_se=None if p is None else math.sqrt(p * (1 - p) / n_test),
+               seconds=result["seconds"], rank_budget=rank, n_val=len(val_examples), n_test=n_test,
+               final_train_loss=final if final is not None and math.isfinite(final) else None)
+    if diverged:
+        row["diverged"] = True
+    return row
+
+
+def scored(rows):
+    """The rows that have scores: every row but those of runs whose training diverged."""
+    return [row for row in rows if not row.get("diverged")]
+
+
+def diverged_note(rows):
+    """Table lines naming the runs among `rows` whose training diverged (none: no lines)."""
+    runs = [f"{row['method']} rank={row['rank_budget']} x{row['outlier_scale']:g} lr={row['lr']:g} seed={row['seed']}"
+            for row in rows if row.get("diverged")]
+    return ["", "training diverged (loss not finite), left out above: " + ", ".join(runs)] if runs else []
 
 
 def finetune_table(rows):
     """The table of one study file (one learning rate per method): mean +- std over seeds, the standard error
     of that mean (std / sqrt(n)), and the mean within-run sampling error of the held-out sets; then GraLoRA -
     LoRA and Hybrid - GraLoRA paired by seed. lr_table compares files run at different learning rates."""
+    all_rows, rows = rows, scored(rows)
     lines = [f"{'method':<9}{'rank':>5}{'k':>3}{'outlier':>8}{'n':>3}  {'val loss mean+-std (SE)':<28}"
              f"{'pass@1 mean+-std (SE)':<26}{'held-out SE':<18}{'params':>8}{'sec':>6}"]
     summary = group_stats(rows, ("method", "rank_budget", "outlier_scale"),
@@ -601,6 +625,7 @@ def finetune_table(rows):
             lines.append(f"  x{scale:<5g} rank={rank:<4} n={e['n']}: val loss {e['val_loss']:+.4f} +- "
                          f"{e['val_loss_se']:.4f}   pass@1 {100 * e['pass_at_1']:+.1f} +- "
                          f"{100 * e['pass_at_1_se']:.1f} points")
+    lines += diverged_note(all_rows)
     return "\n".join(lines)
 
 
@@ -608,6 +633,7 @@ def paired_differences(rows, method="gralora", baseline="lora"):
     """`method` minus `baseline`, paired by seed (the same batches and base model), for every (lr, outlier_scale,
     rank_budget) where both ran: {key: dict(n, val_loss, val_loss_se, pass_at_1, pass_at_1_se)}, the mean
     difference and its standard error over seeds."""
+    rows = scored(rows)
     by_key = {(row["method"], row.get("lr"), row["outlier_scale"], row["rank_budget"], row["seed"]): row
               for row in rows}
     pairs = {}
@@ -628,6 +654,7 @@ def lr_table(rows):
     """LoRA and GraLoRA under planted outliers at each adapter learning rate: mean +- SE over the seeds where
     both ran (n), and their paired difference. If GraLoRA's edge under outliers were only LoRA taking too
     large a step, it would shrink at the smaller learning rate."""
+    all_rows, rows = rows, scored(rows)
     keys = ("method", "lr", "outlier_scale", "rank_budget")
 
     def runs(method):  # (lr, scale, rank, seed) of every run of `method`
@@ -649,7 +676,7 @@ def lr_table(rows):
                      + f"{d['val_loss']:+.4f}+-{d['val_loss_se']:.4f}   "
                      + "".join(f"{100 * e['pass_at_1']:5.1f}+-{100 * e['pass_at_1_se']:.1f}  " for e in (lora, gra))
                      + f"  {100 * d['pass_at_1']:+.1f}+-{100 * d['pass_at_1_se']:.1f}  {d['n']:>2}")
-    return "\n".join(lines)
+    return "\n".join(lines + diverged_note(all_rows))
 
 
 def load_studies(paths):
@@ -677,6 +704,7 @@ PANELS = (("val_loss", "val loss"), ("pass_at_1", "pass@1 % (held-out)"))  # the
 def plot_lr_comparison(rows, path):
     """Val loss and pass@1 against the planted outlier's factor, one column per rank that ran at more than one adapter
     learning rate, LoRA and GraLoRA at each rate (mean +- std over seeds)."""
+    rows = scored(rows)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -716,6 +744,7 @@ def plot_lr_comparison(rows, path):
 
 def plot_finetune_study(rows, path):
     """Val loss and pass@1 vs rank, one column per outlier scale, one line per method (FFT: a band)."""
+    rows = scored(rows)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -723,7 +752,7 @@ def plot_finetune_study(rows, path):
     scales = sorted({row["outlier_scale"] for row in rows})
     summary = group_stats(rows, ("method", "rank_budget", "outlier_scale"), ["val_loss", "pass_at_1"])
     fig, axes = plt.subplots(2, len(scales), figsize=(4.2 * len(scales), 6.4), squeeze=False, sharey="row")
-    diverged = max(e["val_loss"] for e in summary) > 5 * min(e["val_loss"] for e in summary)
+    log_y = max(e["val_loss"] for e in summary) > 5 * min(e["val_loss"] for e in summary)
     for (col, scale), (row_i, (value, name)) in itertools.product(enumerate(scales), enumerate(PANELS)):
         ax, unit = axes[row_i][col], 100 if value == "pass_at_1" else 1
         for method in ("lora", "gralora", "hybrid"):
@@ -738,7 +767,7 @@ def plot_finetune_study(rows, path):
                 ax.axhline(mean, color=METHOD_COLORS["fft"], ls=":", label=f"fft (n={e['n']})")
                 ax.axhspan(mean - std, mean + std, color=METHOD_COLORS["fft"], alpha=0.08)
         ax.set_xscale("log", base=2)
-        if value == "val_loss" and diverged:
+        if value == "val_loss" and log_y:
             ax.set_yscale("log")  # diverged runs: a log axis keeps the others apart
         ax.set(xlabel="rank (LoRA-equivalent budget)", ylabel=name if col == 0 else None,
                title=f"planted outlier x{scale:g}" if row_i == 0 else None)
@@ -870,8 +899,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         preset = study_preset(args)
-        check_args(args, preset.gpt.n_embd)
-        runs = plan_study(args.methods, args.ranks, args.scales, args.seeds, width=preset.gpt.n_embd)
+        width = preset.gpt.n_embd
+        check_args(args, width)
+        runs = plan_study(args.methods, args.ranks, args.scales, args.seeds, width) if "finetune" in args.parts else []
+        if "gradients" in args.parts:  # its ranks, checked as the fine-tuning runs are
+            plan_runs(["lora", "gralora"], args.grad_ranks, [0], width=width)
     except ValueError as err:
         parser.error(str(err))
     if args.threads:

@@ -292,8 +292,8 @@ def test_plan_study_runs_and_priorities():
 def test_plan_study_checks_before_training():
     with pytest.raises(ValueError, match="not divisible by k=2"):
         outliers.plan_study(["gralora"], [3], [1.0], [0])
-    with pytest.raises(ValueError, match="n_embd=6 is not divisible by k=4"):
-        outliers.plan_study(["gralora"], [64], [1.0], [0], width=6)
+    with pytest.raises(ValueError, match="n_embd=5 is not divisible by k=2"):
+        outliers.plan_study(["gralora"], [4], [1.0], [0], width=5)
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -304,6 +304,7 @@ def test_plan_study_checks_before_training():
     (["--ranks", "5"], r"r=5 \(method=gralora, rank=5\) is not divisible by k=2"),
     (["--ranks", "16,64"], "invalid int value: '16,64'"),  # lists are space-separated
     (["--parts", "measure,gradients"], "invalid choice: 'measure,gradients'"),
+    (["--parts", "gradients", "--grad-ranks", "5"], r"r=5 \(method=gralora, rank=5\) is not divisible by k=2"),
 ])
 def test_main_refuses_bad_arguments_before_pretraining(argv, match, monkeypatch, capsys):
     monkeypatch.setattr(outliers, "pretrain", lambda *a, **k: pytest.fail("pretrained before checking"))
@@ -355,6 +356,33 @@ def test_finetune_study_records_lr_resumes_and_refuses_to_mix_rates(tmp_path):
     old.write_text(json.dumps([{key: value for key, value in rows[0].items() if key != "lr"}]))
     with pytest.raises(ValueError, match=r"old.json has a lora row that records no lr"):
         outliers.finetune_study(base_state, preset, runs, str(old), log=lambda s: None)
+
+
+def test_a_diverged_run_is_kept_without_scores_and_named_in_the_table(tmp_path, monkeypatch):
+    preset = train.PRESETS["smoke"]
+    preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, n_val=4, n_test=3))
+    model = GPT(preset.gpt)
+
+    def fake_finetune(state, method, rank, seed, preset, device, log):  # LoRA's training loss blows up
+        diverged = method == "lora"
+        return dict(model=model, diverged=diverged, r=rank, k=1 if method == "lora" else 2, hybrid_r=0,
+                    lr=preset.train.lr_adapter, trainable_params=10, pass_at_1=None if diverged else 1 / 3,
+                    seconds=1.0, curve=[(1, float("nan") if diverged else 0.5, None)])
+
+    monkeypatch.setattr(outliers, "finetune", fake_finetune)
+    out, logs = str(tmp_path / "study.json"), []
+    runs = [("lora", 4, 1.0, 0), ("gralora", 4, 1.0, 0)]
+    lora, gra = rows = outliers.finetune_study(None, preset, runs, out, log=logs.append)
+    assert lora["diverged"] is True and lora["final_train_loss"] is None
+    assert [lora[key] for key in ("val_loss", "val_loss_se", "pass_at_1", "pass_at_1_se")] == [None] * 4
+    assert "diverged" not in gra and gra["val_loss"] > 0 and gra["pass_at_1_se"] == pytest.approx((2 / 27) ** 0.5)
+    assert json.load(open(out)) == rows  # plain JSON, no NaN
+    assert "training diverged" in logs[1] and "pass@1 33.3 +- 27.2 %" in logs[2]
+    table = outliers.finetune_table(rows).splitlines()
+    assert [line.split()[0] for line in table[1:-2]] == ["gralora"]
+    assert table[-1] == ("training diverged (loss not finite), left out above: "
+                         f"lora rank=4 x1 lr={preset.train.lr_adapter:g} seed=0")
+    assert outliers.finetune_study(None, preset, runs, out, log=lambda s: None) == rows  # not run again
 
 
 def test_lr_part_compares_files_without_pretraining(tmp_path, monkeypatch, capsys):
