@@ -27,9 +27,11 @@ times larger, as in a large LLM, while the base model's logits stay the same.
 What is here:
   * channel_rms / rms_summary / plot_channel_rms: measure per-input-channel magnitude (Fig. 3a in miniature);
   * plant_outlier / plant_outliers: the function-preserving plant;
-  * induced_update / deviation / outlier_leak / gradient_deviation: the first-order update each method makes
-    from a batch's FFT gradient, and how far (and where) it deviates from FFT's (Fig. 3b-c and 6 in miniature);
-  * finetune_study: LoRA, GraLoRA, Hybrid and FFT fine-tuned on the toy task with and without outliers;
+  * induced_update / deviation / outlier_leak / gradient_deviation / gradient_study: the first-order update each
+    method makes from a batch's FFT gradient, and how far (and where) it deviates from FFT's (Fig. 3b-c and 6
+    in miniature);
+  * plan_study / finetune_study / finetune_table: LoRA, GraLoRA, Hybrid and FFT fine-tuned on the toy task with
+    and without outliers, most important runs first, resumable;
   * load_studies / lr_table / plot_lr_comparison: the same study at several adapter learning rates, to tell
     entanglement from a too-large step;
   * a command line that runs the whole study:  python -m study.outliers --help
