@@ -378,8 +378,7 @@ def tiny_gpt_steps(device, args, say):
                 continue
             torch.manual_seed(0)  # random weights: step time does not depend on them
             model = GPT(preset.gpt).to(device)
-            gralora.add_adapters(model, TARGETS, method="lora" if method == "lora" else "gralora",
-                                 r=r, k=k, hybrid_r=hybrid_r)
+            gralora.add_adapters(model, TARGETS, method=method, r=r, k=k, hybrid_r=hybrid_r)
             cases[(rank, method, k, hybrid_r)] = _train_step(model, batches, cfg, device)
     times = interleaved(cases, args.reps, args.warmup, device, clock_for(device, args))
 
