@@ -1,7 +1,7 @@
 """Benchmark: does GraLoRA cost what LoRA costs? One adapted layer (and the tiny GPT), timed side by side.
 
     python -m study.bench                     # the full run (about 1 to 2 minutes on 2 CPU cores)
-    python -m study.bench --quick             # a smoke run in a few seconds
+    python -m study.bench --quick             # a smoke run: 512 tokens, 8 repetitions, rank 16 only
     python -m study.bench --out study/results/bench_cpu.txt
 
 What it measures, at equal rank (same trainable parameters, same matmul FLOPs):
