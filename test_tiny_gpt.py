@@ -1,4 +1,4 @@
-"""Tests for tiny_gpt/: the model, the toy data, the contained execution, training and the CLI.
+"""Tests for tiny_gpt/: the model, the toy data, training, the CLI and the report (passes(): test_evaluate.py).
 
 Run from the repository root:
 
@@ -9,12 +9,14 @@ Everything is small, seeded and on the CPU. What is checked:
     greedy decoding equals decoding each prompt alone by full recomputation (the oracle);
   * data: the tokenizer round-trips and names an unknown character; the same seed gives the same data; the
     held-out tasks are compositions absent from training; every reference solution passes its own test;
-  * passes(): a list of correct, wrong, broken and hostile programs, each judged right, none hanging, none
-    touching a file outside its sandbox;
   * training: a short fine-tune lowers the loss; LoRA, GraLoRA and Hybrid train equally many parameters at
-    the same rank budget; bad arguments raise ValueError naming them; the pretraining cache is reused, and a
-    corrupt or mismatched cache file is rebuilt;
-  * the CLI: `python -m tiny_gpt --preset smoke --out FILE` end to end, and the sweep figure.
+    the same rank budget; bad arguments raise ValueError naming them; a repeated rank or seed runs once; the
+    pretraining cache is reused, and a corrupt or mismatched cache file is rebuilt;
+  * the CLI: `python -m tiny_gpt --preset smoke --out FILE` end to end, stopped by Ctrl-C and continued; a
+    diverging run said so; usage errors (device, rank, --out, --fig, the cache folder) before any work; other
+    settings in FILE refused; every row done: only the table and figure; the rows kept when FILE fails;
+    files written atomically with the usual permissions; progress through a pipe; each preset's code path;
+  * the report: the table (mean ± std, diverged seeds) and the sweep figure (colours, readable axes, legend).
 """
 
 import dataclasses
@@ -22,9 +24,11 @@ import itertools
 import json
 import math
 import os
+import pathlib
+import signal
+import stat
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -164,87 +168,28 @@ def test_reference_solutions_pass_and_the_corpus_runs(capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# passes(): contained execution
-
-GOOD = "def f(x):\n    return x + 1\n"
-TEST = "assert f(1) == 2\nassert f(41) == 42\n"
-
-
-def hostile_programs(victim, bystander_pid):
-    """(name, program, expected) triples: the correct program, wrong and broken ones, and attacks on a file
-    outside the sandbox (`victim`) and on another process (`bystander_pid`, a harmless `sleep`)."""
-    v = repr(str(victim))
-    d = repr(str(victim.parent))
-    return [
-        ("correct", GOOD, True),
-        ("correct, writes inside its sandbox", "open('scratch.txt', 'w').write('ok')\n" + GOOD, True),
-        ("wrong answer", "def f(x):\n    return x\n", False),
-        ("syntax error", "def f(x)\n    return x + 1\n", False),
-        ("raises", "def f(x):\n    raise RuntimeError('no')\n", False),
-        ("missing function", "def g(x):\n    return x + 1\n", False),
-        ("prints the right-looking output", "print('True')\nprint('OK')\ndef f(x):\n    return 0\n", False),
-        ("sys.exit(0) before the asserts", GOOD + "import sys\nsys.exit(0)\n", False),
-        ("exit in f", "def f(x):\n    import sys\n    sys.exit(0)\n", False),
-        ("os._exit(0) before the asserts", GOOD + "import os\nos._exit(0)\n", False),
-        ("memory bomb", "x = bytearray(8 * 2**30)\n" + GOOD, False),
-        ("list memory bomb", "x = [0] * 2**31\n" + GOOD, False),
-        ("stdout flood", GOOD + "print('x' * 2_000_000)\n", False),  # passes only without the file-size cap
-        ("os.fork", "import os\nos.fork()\n" + GOOD, False),
-        ("subprocess", "import subprocess\nsubprocess.run(['rm', " + v + "])\n" + GOOD, False),
-        ("os.system", "import os\nos.system('rm " + str(victim) + "')\n" + GOOD, False),
-        ("os.remove outside", "import os\nos.remove(" + v + ")\n" + GOOD, False),
-        ("shutil.rmtree outside", "import shutil\nshutil.rmtree(" + repr(str(victim.parent)) + ")\n" + GOOD, False),
-        ("overwrite outside", "open(" + v + ", 'w').write('pwned')\n" + GOOD, False),
-        ("os.open outside", "import os\nos.open(" + v + ", os.O_WRONLY | os.O_TRUNC)\n" + GOOD, False),
-        ("rename outside", "import os\nos.rename(" + v + ", 'stolen')\n" + GOOD, False),
-        ("kill a process", f"import os, signal\nos.kill({bystander_pid}, signal.SIGKILL)\n" + GOOD, False),
-        ("pidfd kill", f"import os, signal\nsignal.pidfd_send_signal(os.pidfd_open({bystander_pid}), 9)\n" + GOOD,
-         False),
-        ("io.FileIO outside", "import io\nio.FileIO(" + v + ", 'w').write(b'pwned')\n" + GOOD, False),
-        ("_io.open outside", "import _io\n_io.open(" + v + ", 'w').write('pwned')\n" + GOOD, False),
-        ("os.open with dir_fd", "import os\nos.open('precious.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=os.open("
-         + d + ", os.O_RDONLY))\n" + GOOD, False),
-        ("fchmod outside", "import os\nos.fchmod(os.open(" + v + ", os.O_RDONLY), 0)\n" + GOOD, False),
-        ("mkdir outside", "import os\nos.mkdir(" + repr(str(victim.parent / "made")) + ")\n" + GOOD, False),
-    ]
-
-
-@pytest.mark.parametrize("index", range(28))
-def test_passes_judges_each_program_right(tmp_path, index):
-    victim = tmp_path / "precious.txt"
-    victim.write_text("keep me")
-    mode = victim.stat().st_mode
-    bystander = subprocess.Popen(["sleep", "30"])
-    try:
-        name, program, expected = hostile_programs(victim, bystander.pid)[index]
-        assert passes(program, TEST) is expected, name
-        assert bystander.poll() is None, name  # the other process lives
-    finally:
-        bystander.kill()
-        bystander.wait()
-    assert victim.read_text() == "keep me" and victim.stat().st_mode == mode, name  # untouched, outside
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"], name  # nothing created outside
-
-
-@pytest.mark.parametrize("program", ["while True:\n    pass\n", "import time\ntime.sleep(60)\n",
-                                     "def f(x):\n    while True:\n        pass\n"])
-def test_passes_times_out(program):
-    start = time.monotonic()
-    assert passes(program, TEST, timeout=1.0) is False
-    assert time.monotonic() - start < 1.0 + 2.0
-
-
-def test_hostile_list_is_complete(tmp_path):
-    assert len(hostile_programs(tmp_path / "x", 0)) == 28  # keep the parametrize range above in step
-
-
-# ---------------------------------------------------------------------------------------------------------
 # training
 
 
 def smoke_preset(**train_changes):
     preset = train.PRESETS["smoke"]
     return dataclasses.replace(preset, train=dataclasses.replace(preset.train, **train_changes))
+
+
+def quick(preset, **train_changes):
+    """`preset` cut down to a check of its code path in seconds: its model shapes and learning rates, 2 + 2
+    steps on batches of 2, 4 val and 2 test tasks. Its numbers mean nothing."""
+    return dataclasses.replace(preset, train=dataclasses.replace(
+        preset.train, corpus_programs=200, pretrain_steps=2, pretrain_batch=2, n_train=32, n_val=4, n_test=2,
+        finetune_steps=2, finetune_batch=2, eval_every=1, **train_changes))
+
+
+@pytest.fixture(scope="module")
+def smoke_cache(tmp_path_factory):
+    """A cache folder holding the smoke preset's base model, pretrained once for the tests that need it."""
+    folder = tmp_path_factory.mktemp("cache")
+    train.pretrain(train.PRESETS["smoke"].gpt, train.PRESETS["smoke"].train, "cpu", str(folder), log=lambda s: None)
+    return folder
 
 
 def test_short_finetune_lowers_the_loss(tmp_path):
@@ -255,7 +200,7 @@ def test_short_finetune_lowers_the_loss(tmp_path):
         row = train.finetune(base_state, method, rank=4, preset=preset, log=lambda s: None)
         assert row["val_loss"] < base["val_loss"] - 0.01, method  # seeded: the same margin every run
         assert [step for step, _, _ in row["curve"]] == [10, 20]
-        assert row["lr"] == preset.train.lr_adapter
+        assert row["lr"] == preset.train.lr_adapter and row["diverged"] is False
     assert base["lr"] is None
     with pytest.raises(ValueError, match="'sgd'"):
         preset.train.lr_for("sgd")
@@ -267,8 +212,7 @@ def test_equal_trainable_params_at_equal_rank(rank):
     for method in ("lora", "gralora", "hybrid"):
         model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2))
         r, k, hybrid_r = train.adapter_spec(method, rank)
-        gralora.add_adapters(model, train.TARGETS, method="lora" if method == "lora" else "gralora",
-                             r=r, k=k, hybrid_r=hybrid_r)
+        gralora.add_adapters(model, train.TARGETS, method=method, r=r, k=k, hybrid_r=hybrid_r)
         counts[method] = gralora.count_trainable_params(model)
     assert counts["lora"] == counts["gralora"] == counts["hybrid"] == rank * (32 + 96 + 32 + 32 + 32 + 128 + 128 + 32)
 
@@ -278,18 +222,28 @@ def test_adapter_spec_follows_the_paper_and_rejects_bad_values():
     assert train.adapter_spec("gralora", 16) == (16, 2, 0)
     assert train.adapter_spec("gralora", 64) == (64, 4, 0)
     assert train.adapter_spec("hybrid", 16) == (8, 2, 8)
+    assert train.adapter_spec("lora", 128, width=128) == (128, 1, 0)  # as wide as the model: allowed
     with pytest.raises(ValueError, match="rank=0"):
         train.adapter_spec("lora", 0)
     with pytest.raises(ValueError, match="r=6 .* not divisible by k=4"):
         train.adapter_spec("gralora", 6, k=4)
     with pytest.raises(ValueError, match="n_embd=30 is not divisible by k=4"):
         train.adapter_spec("gralora", 8, k=4, width=30)
+    with pytest.raises(ValueError, match="rank=256 exceeds the model width n_embd=128"):
+        train.adapter_spec("hybrid", 256, width=128)
     with pytest.raises(ValueError, match="method='dora'"):
         train.adapter_spec("dora", 8)
     with pytest.raises(ValueError, match="unknown preset 'laptop'"):
         train.get_preset("laptop")
     with pytest.raises(ValueError, match="unknown method 'dora'"):
         train.finetune({}, "dora", preset="smoke")
+
+
+def test_plan_runs_counts_a_repeated_value_once():
+    once = train.plan_runs(["base", "fft", "lora", "hybrid"], [4, 16], [0, 1], ks=[2])
+    assert train.plan_runs(["base", "fft", "lora", "lora", "hybrid"], [4, 16, 4], [0, 1, 0, 1], ks=[2, 2]) == once
+    assert len(once) == 1 + 2 * (1 + 2 + 2)  # base; per seed: fft, lora at 2 ranks, hybrid at 2 ranks
+    assert ("hybrid", 64, None, None, 0) not in train.plan_runs(["hybrid"], [16, 64], [0])  # paper: r <= 16
 
 
 def test_pretrain_cache_is_reused_and_rebuilt(tmp_path):
@@ -328,61 +282,7 @@ def test_pretrain_cache_is_reused_and_rebuilt(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the CLI and the report
-
-
-def test_cli_smoke_end_to_end(tmp_path):
-    out = tmp_path / "rows.json"
-    env = dict(os.environ, TINY_GPT_CACHE=str(tmp_path / "cache"))
-    result = subprocess.run([sys.executable, "-m", "tiny_gpt", "--preset", "smoke", "--out", str(out)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())
-    assert [row["method"] for row in rows] == ["base", "fft", "lora", "gralora", "hybrid"]
-    types = dict(method=str, r=(int, type(None)), k=(int, type(None)), hybrid_r=(int, type(None)),
-                 seed=(int, type(None)), trainable_params=int, val_loss=float, pass_at_1=(int, float),
-                 seconds=(int, float))
-    for row in rows:
-        for key, kind in types.items():
-            assert isinstance(row[key], kind), (key, row)
-        assert 0.0 <= row["pass_at_1"] <= 1.0
-    adapters = [row for row in rows if row["r"] is not None]
-    assert len({row["trainable_params"] for row in adapters}) == 1  # parameter parity
-    assert "pass@1" in result.stdout and "adapter FLOPs/tok" in result.stdout
-    assert os.listdir(tmp_path / "cache")  # the base model went to the cache directory asked for
-
-
-def test_cli_rejects_impossible_runs_before_training():
-    result = subprocess.run([sys.executable, "-m", "tiny_gpt", "--preset", "smoke", "--ranks", "6", "--k", "4"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "not divisible by k=4" in result.stderr
-
-
-def test_cli_refuses_bad_lr_adapter():
-    """A bad --lr-adapter is a usage error (exit 2, naming the value) before any training."""
-    for bad in ("0", "-2", "nan"):
-        result = subprocess.run([sys.executable, "-m", "tiny_gpt", "--preset", "smoke", "--lr-adapter", bad],
-                                cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert result.returncode == 2 and f"got {float(bad)}" in result.stderr
-
-def test_table_and_figure(tmp_path):
-    rows = []
-    for seed in (0, 1):
-        for method, rank in (("lora", 4), ("lora", 8), ("gralora", 4), ("gralora", 8)):
-            r, k, hybrid_r = train.adapter_spec(method, rank)
-            rows.append(dict(method=method, r=r, k=k, hybrid_r=hybrid_r, seed=seed, rank_budget=rank,
-                             trainable_params=100 * rank, adapter_flops_per_token=400 * rank,
-                             val_loss=1.0 / rank + 0.01 * seed, pass_at_1=0.05 * rank + 0.01 * seed, seconds=1.0))
-        rows.append(dict(method="fft", r=None, k=None, hybrid_r=None, seed=seed, rank_budget=None,
-                         trainable_params=10**5, adapter_flops_per_token=0, val_loss=0.1, pass_at_1=0.9, seconds=2.0))
-    table = report.format_table(rows)
-    assert "±" in table and len(table.splitlines()) == 2 + 5
-    report.plot_sweep(rows, str(tmp_path / "fig.png"))
-    assert (tmp_path / "fig.png").stat().st_size > 10_000
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the CLI's usage errors, its output files, its progress lines
+# the CLI
 
 
 def run_main(argv, capsys):
@@ -395,21 +295,172 @@ def run_main(argv, capsys):
     return status, out, err
 
 
-def test_cli_refuses_unwritable_output_paths_before_training(tmp_path, capsys):
-    """A bad --out or --fig is a one-line usage error (exit 2) naming the path and why, before any training."""
+def fake_training(monkeypatch, on_finetune=lambda n: None):
+    """Replace pretraining and fine-tuning in the CLI by instant fakes that return well-formed rows. Returns
+    the list of calls: ("pretrain",) and (method, rank, seed) for each fine-tuning."""
+    calls = []
+
+    def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, preset=None, device=None):
+        calls.append((method, rank, seed))
+        on_finetune(len(calls) - 1)  # the number of this fine-tuning (calls[0] is the pretraining)
+        r, k, hybrid_r = train.adapter_spec(method, rank, k, hybrid_r) if rank else (None, None, None)
+        return dict(method=method, r=r, k=k, hybrid_r=hybrid_r, seed=None if method == "base" else seed,
+                    trainable_params=10, val_loss=1.0 / len(calls), pass_at_1=0.5, seconds=0.1, lr=1e-2,
+                    rank_budget=rank, adapter_flops_per_token=0, diverged=False, curve=[], model=None)
+
+    monkeypatch.setattr(cli, "pretrain", lambda *args, **kwargs: calls.append(("pretrain",)) or ({}, True))
+    monkeypatch.setattr(cli, "finetune", finetune)
+    return calls
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_cli_smoke_end_to_end_interrupted_and_continued(tmp_path, smoke_cache):
+    """`python -m tiny_gpt --preset smoke --out FILE`, stopped by Ctrl-C (SIGINT) after two runs: one line on
+    stderr says what was saved, where and how to go on, exit status 130. The same command then runs only the
+    three runs left, and FILE holds every method once, in the CLI's row format, with the settings."""
+    out = tmp_path / "rows.json"
+    command = [sys.executable, "-m", "tiny_gpt", "--preset", "smoke", "--out", str(out)]
+    env = dict(os.environ, TINY_GPT_CACHE=str(smoke_cache))
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("fft rank=None seed=0:"):  # said once the second run is in FILE
+                proc.send_signal(signal.SIGINT)
+                break
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip() == (f"tiny_gpt: interrupted; the 2 finished runs are in {out}; the same command "
+                              "continues from there")
+    first = json.loads(out.read_text())["rows"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "5 runs, 2 of them already in" in result.stdout and "fft rank" not in result.stdout
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert rows[:2] == first and [row["method"] for row in rows] == ["base", "fft", "lora", "gralora", "hybrid"]
+    assert doc["config"] == {**dataclasses.asdict(train.PRESETS["smoke"].gpt),
+                             **dataclasses.asdict(train.PRESETS["smoke"].train), "bf16": False}
+    types = dict(method=str, r=(int, type(None)), k=(int, type(None)), hybrid_r=(int, type(None)),
+                 seed=(int, type(None)), trainable_params=int, val_loss=float, pass_at_1=(int, float),
+                 seconds=(int, float), diverged=bool)
+    for row in rows:
+        for key, kind in types.items():
+            assert isinstance(row[key], kind), (key, row)
+        assert 0.0 <= row["pass_at_1"] <= 1.0
+    adapters = [row for row in rows if row["r"] is not None]
+    assert len({row["trainable_params"] for row in adapters}) == 1  # parameter parity
+    assert "pass@1" in result.stdout and "adapter FLOPs/tok" in result.stdout
+
+
+def test_cli_says_when_a_run_diverges(tmp_path, smoke_cache, monkeypatch, capsys):
+    """A learning rate of 1e9 makes the loss non-finite: the run stops, its row says diverged (no val loss, no
+    pass@1), and so do its progress line and the table."""
+    monkeypatch.setenv("TINY_GPT_CACHE", str(smoke_cache))
+    out = tmp_path / "rows.json"
+    status, stdout, _ = run_main(["--preset", "smoke", "--methods", "lora", "--lr-adapter", "1e9", "--out", str(out)],
+                                 capsys)
+    assert status == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["diverged"] is True and row["val_loss"] is None and row["pass_at_1"] is None
+    assert "lora rank=4 seed=0: diverged" in stdout
+    table_row = stdout.strip().splitlines()[-1]  # val loss, pass@1 and the seeds column say it
+    assert table_row.split()[0] == "lora" and table_row.count("diverged") == 3, table_row
+
+
+def test_cli_continues_where_it_stopped_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TINY_GPT_CACHE", str(tmp_path / "cache"))
+    out, fig = tmp_path / "rows.json", tmp_path / "rows.png"
+    argv = ["--preset", "smoke", "--methods", "fft", "lora", "--ranks", "4", "8", "--seeds", "0", "1",
+            "--out", str(out)]
+
+    def interrupt(n):
+        if n == 3:
+            raise KeyboardInterrupt
+
+    fake_training(monkeypatch, interrupt)
+    status, _, stderr = run_main(argv, capsys)
+    assert status == 130
+    assert stderr.strip() == (f"tiny_gpt: interrupted; the 2 finished runs are in {out}; the same command "
+                              "continues from there")
+    first = json.loads(out.read_text())["rows"]
+    assert [(row["method"], row["seed"]) for row in first] == [("fft", 0), ("lora", 0)]
+
+    calls = fake_training(monkeypatch)
+    status, stdout, _ = run_main(argv, capsys)
+    assert status == 0 and "6 runs, 2 of them already in" in stdout
+    assert calls == [("pretrain",), ("lora", 8, 0), ("fft", None, 1), ("lora", 4, 1), ("lora", 8, 1)]
+    assert json.loads(out.read_text())["rows"][:2] == first and fig.exists()  # a sweep: the figure beside --out
+
+    fig.unlink()  # every run done: the table and the figure again, nothing trained
+    calls = fake_training(monkeypatch)
+    status, stdout, _ = run_main(argv, capsys)
+    assert status == 0 and calls == [] and "6 runs, 6 of them already in" in stdout and fig.exists()
+    table = [line.split()[:2] for line in stdout.splitlines() if line.split()[:1] in (["fft"], ["lora"])]
+    assert table == [["fft", "-"], ["lora", "4"], ["lora", "8"]]  # each with its 2 seeds
+
+    for extra, why in ((["--lr-adapter", "3e-3"], "lr_adapter=0.01 there, 0.003 here"),
+                       (["--preset", "cpu"], "n_embd=32 there, 128 here")):
+        status, _, stderr = run_main(argv + extra, capsys)
+        assert status == 2 and why in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    out.write_text(json.dumps(first))  # a list of rows without settings
+    status, _, stderr = run_main(argv, capsys)
+    assert status == 2 and "is not a results file" in stderr and calls == []
+
+
+def test_cli_redraws_the_readme_figure_from_the_committed_sweep(tmp_path, monkeypatch, capsys):
+    """The README's sweep command, every run already in results/sweep_cpu.json: the table and the figure, no
+    training (the committed file was made with the cpu preset's settings)."""
+    calls = fake_training(monkeypatch)
+    out = tmp_path / "sweep_cpu.json"
+    out.write_text((pathlib.Path(ROOT) / "results" / "sweep_cpu.json").read_text())
+    status, stdout, _ = run_main(["--preset", "cpu", "--ranks", "4", "16", "64", "--seeds", "0", "1", "2",
+                                  "--out", str(out), "--fig", str(tmp_path / "fig.png")], capsys)
+    assert status == 0 and calls == [] and "28 runs, 28 of them already in" in stdout
+    assert "0.0957 ± 0.0047" in stdout and (tmp_path / "fig.png").stat().st_size > 10_000
+
+
+def test_cli_refuses_impossible_runs_before_training(monkeypatch, capsys):
+    """A usage error (exit 2, one line naming the value), before any pretraining."""
+    calls = fake_training(monkeypatch)
+    for args, why in ((["--ranks", "6", "--k", "4"], "not divisible by k=4"),
+                      (["--preset", "cpu", "--ranks", "256"], "rank=256 exceeds the model width n_embd=128"),
+                      (["--lr-adapter", "0"], "got 0.0"), (["--lr-adapter", "-2"], "got -2.0"),
+                      (["--lr-adapter", "nan"], "got nan")):
+        status, out, err = run_main(["--preset", "smoke"] + args, capsys)
+        assert status == 2 and why in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert calls == []
+
+
+def test_cli_counts_a_repeated_value_once(monkeypatch, capsys):
+    calls = fake_training(monkeypatch)
+    status, stdout, _ = run_main(["--preset", "smoke", "--methods", "lora", "lora", "--ranks", "4", "4",
+                                  "--seeds", "0", "0"], capsys)
+    assert status == 0 and calls == [("pretrain",), ("lora", 4, 0)]
+    assert "± " not in stdout  # one seed: no spread to show
+
+
+def test_cli_refuses_unwritable_paths_before_any_work(tmp_path, monkeypatch, capsys):
+    """A bad --out, --fig or cache folder ($TINY_GPT_CACHE) is a one-line usage error (exit 2) naming the path
+    and why, before any pretraining."""
+    calls = fake_training(monkeypatch)
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    cases = [(["--out", str(a_file / "rows.json")], f"{a_file} is not a folder"),
-             (["--out", str(tmp_path)], "is a folder, not a file"),
-             (["--fig", str(a_file / "sub" / "fig.png")], f"{a_file} is not a folder"),
-             (["--fig", str(tmp_path / "fig.xyz")], "cannot write 'xyz' files")]
+    cases = [(["--out", str(a_file / "rows.json")], None, f"{a_file} is not a folder"),
+             (["--out", str(tmp_path)], None, "is a folder, not a file"),
+             (["--fig", str(a_file / "sub" / "fig.png")], None, f"cannot create the folder {a_file / 'sub'}"),
+             (["--fig", str(tmp_path / "fig.xyz")], None, "cannot write 'xyz' files"),
+             ([], str(a_file), f"cache ($TINY_GPT_CACHE): {a_file} is not a folder")]
     if sys.platform.startswith("linux"):  # a folder that cannot be created
-        cases.append((["--out", "/proc/nope/x.json"], "cannot create the folder /proc/nope"))
-    for args, why in cases:
-        status, out, err = run_main(["--preset", "smoke", "--cache-dir", str(tmp_path / "cache")] + args, capsys)
+        cases += [(["--out", "/proc/nope/x.json"], None, "cannot create the folder /proc/nope"),
+                  ([], "/proc/nope", "cannot create the folder /proc/nope")]
+    for args, cache, why in cases:
+        monkeypatch.setenv("TINY_GPT_CACHE", cache or str(tmp_path / "cache"))
+        status, out, err = run_main(["--preset", "smoke"] + args, capsys)
         assert status == 2, args
-        assert len(err.strip().splitlines()) == 1 and why in err and args[1] in err, err
-        assert out == "" and not (tmp_path / "cache").exists()  # nothing ran
+        assert len(err.strip().splitlines()) == 1 and why in err, err
+        assert out == "" and calls == [] and not (tmp_path / "cache").exists()  # nothing ran
 
 
 def test_cli_refuses_unavailable_devices(capsys):
@@ -421,35 +472,19 @@ def test_cli_refuses_unavailable_devices(capsys):
     assert train.parse_device("cpu") == torch.device("cpu")
 
 
-def fake_training(monkeypatch, on_finetune=lambda n: None):
-    """Replace pretraining and fine-tuning in the CLI by instant fakes that return well-formed rows."""
-    calls = []
-
-    def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, preset=None, device=None):
-        calls.append(method)
-        on_finetune(len(calls))
-        return dict(method=method, r=rank, k=k, hybrid_r=hybrid_r, seed=seed, trainable_params=10,
-                    val_loss=1.0 / len(calls), pass_at_1=0.5, seconds=0.1, lr=1e-2, rank_budget=rank,
-                    adapter_flops_per_token=0, curve=[], model=None)
-
-    monkeypatch.setattr(cli, "pretrain", lambda *args, **kwargs: ({}, True))
-    monkeypatch.setattr(cli, "finetune", finetune)
-    return calls
-
-
-def test_cli_creates_a_missing_output_folder_and_says_so(tmp_path, monkeypatch, capsys):
+def test_cli_creates_a_missing_output_folder(tmp_path, monkeypatch, capsys):
     fake_training(monkeypatch)
+    monkeypatch.setenv("TINY_GPT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "new" / "deeper" / "rows.json"
-    status, stdout, _ = run_main(["--preset", "smoke", "--methods", "lora", "gralora", "--out", str(out)], capsys)
+    status, _, _ = run_main(["--preset", "smoke", "--methods", "lora", "gralora", "--out", str(out)], capsys)
     assert status == 0
-    assert f"created folder {out.parent} for --out" in stdout
-    assert [row["method"] for row in json.loads(out.read_text())] == ["lora", "gralora"]
-    assert os.listdir(out.parent) == ["rows.json"]  # no temporary or probe file left behind
+    assert [row["method"] for row in json.loads(out.read_text())["rows"]] == ["lora", "gralora"]
+    assert os.listdir(out.parent) == ["rows.json"]  # no temporary file left behind
 
 
 def test_cli_keeps_the_rows_when_out_fails_mid_run(tmp_path, monkeypatch, capsys):
-    """The --out folder vanishes after the first run: the rows go to a fallback file in the current directory,
-    stderr names it, and the job ends with status 1 instead of losing the runs in a traceback."""
+    """The --out folder turns into a file after the first run: the job stops with status 1, stderr says why,
+    and the finished rows are printed as JSON instead of being lost."""
     folder = tmp_path / "results"
 
     def sabotage(n):
@@ -459,29 +494,38 @@ def test_cli_keeps_the_rows_when_out_fails_mid_run(tmp_path, monkeypatch, capsys
             folder.rmdir()
             folder.write_text("")
 
-    fake_training(monkeypatch, sabotage)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
+    calls = fake_training(monkeypatch, sabotage)
+    monkeypatch.setenv("TINY_GPT_CACHE", str(tmp_path / "cache"))
     status, stdout, stderr = run_main(["--preset", "smoke", "--methods", "base", "lora", "gralora",
                                        "--out", str(folder / "rows.json")], capsys)
-    assert status == 1
-    fallback = [name for name in os.listdir(cwd) if name.endswith(".json")]
-    assert len(fallback) == 1 and fallback[0] in stderr and str(folder / "rows.json") in stderr
-    rows = json.loads((cwd / fallback[0]).read_text())
-    assert [row["method"] for row in rows] == ["base", "lora", "gralora"]
-    assert "gralora" in stdout  # the table was printed too
+    assert status == 1 and f"cannot write --out {folder / 'rows.json'}" in stderr
+    assert [row["method"] for row in json.loads(stdout.splitlines()[-1])["rows"]] == ["base", "lora"]
+    assert calls[-1][0] == "lora"  # stopped there
 
 
 def test_write_json_is_atomic(tmp_path):
     path = tmp_path / "rows.json"
     train.write_json(str(path), [1, 2])
     assert json.loads(path.read_text()) == [1, 2]
-    with pytest.raises(TypeError):  # fails half-way through serialising: the old file stays whole
+    with pytest.raises(TypeError):  # cannot be serialised: the old file stays whole
         train.write_json(str(path), [3, object()])
+    with pytest.raises(ZeroDivisionError):  # fails half-way through writing: the same
+        train.write_atomic(str(path), lambda f: f.write(b"[3,") and 1 / 0)
     assert json.loads(path.read_text()) == [1, 2] and os.listdir(tmp_path) == ["rows.json"]
     with pytest.raises(OSError):
         train.write_json(str(tmp_path / "missing" / "rows.json"), [])
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_get_the_usual_permissions(tmp_path, umask):
+    """As `open` would make them: 0666 less the umask (readable by the class on a shared machine)."""
+    old = os.umask(umask)
+    try:
+        train.write_json(str(tmp_path / "rows.json"), [])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "rows.json").stat().st_mode) == 0o666 & ~umask
 
 
 def test_progress_lines_flow_through_a_pipe(tmp_path):
@@ -510,35 +554,30 @@ def test_progress_lines_flow_through_a_pipe(tmp_path):
 # every preset's code path on the CPU, and what mixed precision may not change
 
 
-@pytest.mark.parametrize("preset", ["cpu", "gpu"])
-def test_quick_preset_runs_its_whole_pipeline(preset, tmp_path):
-    """The preset's model shapes and code path (bf16 autocast forced on the CPU, as CUDA gets it) end to end:
-    pretraining, every method, the paper's rule for k, the table, the JSON and the figure, in 2 + 2 steps."""
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_preset_runs_its_whole_pipeline(name, tmp_path, monkeypatch, capsys):
+    """The preset's model shapes and code path, bf16 autocast included (forced on the CPU, as CUDA gets it),
+    through the CLI in 2 + 2 steps: pretraining, every method, the JSON and the figure."""
+    monkeypatch.setitem(train.PRESETS, name, quick(train.PRESETS[name], bf16=True))
+    monkeypatch.setenv("TINY_GPT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "rows.json"
-    rank = 64 if preset == "gpu" else 16  # k = 4 on the gpu preset's width 384, k = 2 on the cpu preset's 128
-    result = subprocess.run([sys.executable, "-m", "tiny_gpt", "--preset", preset, "--quick", "--bf16", "on",
-                             "--device", "cpu", "--ranks", str(rank), "--hybrid-max-r", str(rank),
-                             "--out", str(out), "--fig", str(tmp_path / "fig.png"),
-                             "--cache-dir", str(tmp_path / "cache")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(out.read_text())
-    assert [row["method"] for row in rows] == ["base", "fft", "lora", "gralora", "hybrid"]
-    width = train.PRESETS[preset].gpt.n_embd
-    adapters = rows[2:]
-    assert [row["trainable_params"] for row in adapters] == [adapters[0]["trainable_params"]] * 3
-    assert adapters[0]["trainable_params"] % (rank * width) == 0  # the preset's own width
-    assert rows[3]["k"] == (4 if rank >= 64 else 2)
+    status, _, _ = run_main(["--preset", name, "--device", "cpu", "--ranks", "16", "--out", str(out),
+                             "--fig", str(tmp_path / "fig.png")], capsys)
+    assert status == 0
+    doc = json.loads(out.read_text())
+    width, layers, rows = train.PRESETS[name].gpt.n_embd, train.PRESETS[name].gpt.n_layer, doc["rows"]
+    assert doc["config"]["bf16"] is True and doc["config"]["n_embd"] == width
+    assert [row["method"] for row in rows] == train.METHODS
+    # parameter parity at the preset's own width: per block, the four adapted linears' in + out sum to 16 C
+    assert [row["trainable_params"] for row in rows[2:]] == [16 * 16 * width * layers] * 3
     assert all(math.isfinite(row["val_loss"]) and len(row["curve"]) == 2 for row in rows[1:])
     assert (tmp_path / "fig.png").stat().st_size > 10_000
-    assert "(quick)" in result.stdout
 
 
 def test_bf16_autocast_only_in_the_training_forward(monkeypatch):
     """With bf16 forced (on the CPU here), LoRA and GraLoRA train their forward in bfloat16 alike, and both are
     measured alike outside autocast: val loss and pass@1's decoding in float32."""
-    preset = train.quick(train.PRESETS["smoke"])
-    preset = dataclasses.replace(preset, train=dataclasses.replace(preset.train, bf16=True))
+    preset = quick(train.PRESETS["smoke"], bf16=True)
     torch.manual_seed(0)
     base_state = GPT(preset.gpt).state_dict()  # an untrained base does: this is about precision, not skill
     forward = GPT.forward
@@ -568,7 +607,36 @@ def test_bf16_autocast_only_in_the_training_forward(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the figure
+# the report: the table and the figure
+
+
+def test_table_and_figure(tmp_path):
+    rows = []
+    for seed in (0, 1):
+        for method, rank in (("lora", 4), ("lora", 8), ("gralora", 4), ("gralora", 8)):
+            r, k, hybrid_r = train.adapter_spec(method, rank)
+            rows.append(dict(method=method, r=r, k=k, hybrid_r=hybrid_r, seed=seed, rank_budget=rank,
+                             trainable_params=100 * rank, adapter_flops_per_token=400 * rank,
+                             val_loss=1.0 / rank + 0.01 * seed, pass_at_1=0.05 * rank + 0.01 * seed, seconds=1.0))
+        rows.append(dict(method="fft", r=None, k=None, hybrid_r=None, seed=seed, rank_budget=None,
+                         trainable_params=10**5, adapter_flops_per_token=0, val_loss=0.1, pass_at_1=0.9, seconds=2.0))
+    rows[1].update(diverged=True, val_loss=None, pass_at_1=None)  # lora rank 8, seed 0
+    table = report.format_table(rows)
+    assert "±" in table and len(table.splitlines()) == 2 + 5
+    lora_8 = table.splitlines()[3].split()
+    assert lora_8[:2] == ["lora", "8"] and lora_8[-3:] == ["2", "(1", "diverged)"]
+    assert lora_8[6:9] == ["0.1350", "±", "0.0000"]  # the mean of the seed that did not diverge
+    report.plot_sweep(rows, str(tmp_path / "fig.png"))
+    assert (tmp_path / "fig.png").stat().st_size > 10_000
+
+
+def legend_methods(ax):
+    """{method: colour} of the lines in an axis's legend (labels start with the method's name)."""
+    colours = {line.get_label(): line.get_color() for line in ax.get_lines()
+               if not line.get_label().startswith("_")}  # the reference lines (fft, base)
+    for container in ax.containers:  # errorbar lines
+        colours[container.get_label()] = container.lines[0].get_color()
+    return {label.split()[0].rstrip(":"): colour for label, colour in colours.items()}
 
 
 def test_sweep_figure_colours_and_scales():
@@ -586,12 +654,9 @@ def test_sweep_figure_colours_and_scales():
 
     fig = report.plot_sweep(rows)
     loss_ax, pass_ax = fig.axes
-    assert loss_ax.get_yscale() == "log"  # the diverged lora r=16 does not flatten the rest
+    assert loss_ax.get_yscale() == "log"  # the stalled lora r=16 does not flatten the rest
     for ax in (loss_ax, pass_ax):
-        colours = {line.get_label(): line.get_color() for line in ax.get_lines()
-                   if not line.get_label().startswith("_")}  # the reference lines (fft, base)
-        for container in ax.containers:  # errorbar lines
-            colours[container.get_label()] = container.lines[0].get_color()
+        colours = legend_methods(ax)
         assert set(colours) == set(report.METHOD_COLORS)
         for method, colour in colours.items():
             assert matplotlib.colors.same_color(colour, report.METHOD_COLORS[method]), method
@@ -599,3 +664,23 @@ def test_sweep_figure_colours_and_scales():
     assert all(list(line.get_ydata()) == [25.0] * len(line.get_ydata()) for line in pass_lines)  # percent
     assert len(set(report.METHOD_COLORS.values())) == len(report.METHOD_COLORS) and set(report.METHOD_COLORS) == set(
         train.METHODS)
+
+
+@pytest.mark.parametrize("stalled", [False, True])
+def test_sweep_figure_can_be_read(stalled):
+    """The README's figure, from the committed sweep (and with a stalled run added, on a log axis): enough
+    labelled val-loss ticks to read every point, the FFT band in the legend, Hybrid's absence at rank 64 said."""
+    rows = json.loads((pathlib.Path(ROOT) / "results" / "sweep_cpu.json").read_text())["rows"]
+    if stalled:
+        rows = rows + [dict(rows[-1], seed=3, val_loss=2.5)]  # gralora rank 64: mean 0.7, std 1.2
+    fig = report.plot_sweep(rows)
+    loss_ax = fig.axes[0]
+    fig.canvas.draw()
+    low, high = loss_ax.get_ylim()
+    labelled = [label for label in loss_ax.yaxis.get_ticklabels(which="both")
+                if label.get_text() and low <= label.get_position()[1] <= high]
+    assert len(labelled) >= 4, [label.get_text() for label in labelled]
+    assert loss_ax.get_yscale() == ("log" if stalled else "linear")
+    legend = [text.get_text() for text in loss_ax.get_legend().get_texts()]
+    assert "fft ± std over seeds" in legend, legend
+    assert "hybrid (ranks ≤ 16 only, as in the paper)" in legend, legend

@@ -4,7 +4,8 @@
     data.py      a character tokenizer; a corpus of small Python programs; "toy HumanEval" tasks whose
                  held-out split is made of compositions never seen in training
     evaluate.py  passes(program, test): contained execution; pass@1 with greedy decoding
-    train.py     cached pretraining, fine-tuning with fft / lora / gralora / hybrid, presets, table, figure
+    train.py     presets, cached pretraining, fine-tuning with fft / lora / gralora / hybrid
+    report.py    the results table and the sweep figure
     __main__.py  `python -m tiny_gpt`, the main job
 
 In a notebook:
@@ -19,8 +20,9 @@ from .data import CharTokenizer, make_corpus, make_tasks
 from .evaluate import complete, pass_at_1, passes
 from .model import GPT, GPTConfig
 from .report import METHOD_COLORS, format_table, plot_sweep, summarize
-from .train import METHODS, PRESETS, Preset, TrainConfig, adapter_spec, finetune, pick_device, pretrain, quick, tasks_for, write_json
+from .train import (METHODS, PRESETS, Preset, TrainConfig, adapter_spec, finetune, pick_device, pretrain, tasks_for,
+                    write_json)
 
 __all__ = ["CharTokenizer", "make_corpus", "make_tasks", "complete", "pass_at_1", "passes", "GPT", "GPTConfig",
            "METHOD_COLORS", "METHODS", "PRESETS", "Preset", "TrainConfig", "adapter_spec", "finetune", "format_table",
-           "pick_device", "plot_sweep", "pretrain", "quick", "summarize", "tasks_for", "write_json"]
+           "pick_device", "plot_sweep", "pretrain", "summarize", "tasks_for", "write_json"]

@@ -1,5 +1,6 @@
 """Reporting: the results table and the sweep figure of `python -m tiny_gpt`, from its rows (dicts)."""
 
+import math
 import os
 import statistics
 
@@ -18,8 +19,9 @@ def summarize(rows):
     """Group rows by configuration (method, r, k, hybrid_r, and lr and outlier_scale where rows have them)
     across seeds, in first-seen order.
 
-    Returns one dict per configuration with its first row's fields and, for val_loss, pass_at_1 and
-    seconds, a (mean, std) pair; n is the number of seeds.
+    Returns one dict per configuration with its first row's fields; n, the number of seeds; diverged, how many
+    of them diverged; and (mean, std) pairs: of seconds over all seeds, of val_loss and pass_at_1 over those
+    that did not diverge (None when all did).
     """
     groups = {}
     for row in rows:
@@ -29,18 +31,25 @@ def summarize(rows):
     for group in groups.values():
         entry = {key: group[0][key] for key in ("method", "r", "k", "hybrid_r", "rank_budget",
                                                 "trainable_params", "adapter_flops_per_token")}
-        for key in ("val_loss", "pass_at_1", "seconds"):
-            entry[key] = mean_std([row[key] for row in group])
-        entry["n"] = len(group)
+        finished = [row for row in group if not row.get("diverged")]
+        for key in ("val_loss", "pass_at_1"):
+            entry[key] = mean_std(row[key] for row in finished) if finished else None
+        entry.update(seconds=mean_std(row["seconds"] for row in group), n=len(group),
+                     diverged=len(group) - len(finished))
         summary.append(entry)
     return summary
 
 
 def format_table(rows):
-    """The results as a fixed-width text table; with several seeds, cells read mean ± std."""
-    several = any(entry["n"] > 1 for entry in summarize(rows))
+    """The results as a fixed-width text table; with several seeds, cells read mean ± std. Diverged runs are
+    counted in the seeds column and left out of the means; a configuration whose every seed diverged reads
+    "diverged"."""
+    summary = summarize(rows)
+    several = any(entry["n"] > 1 for entry in summary)
 
     def cell(pair, digits, scale=1.0):
+        if pair is None:
+            return "diverged"
         mean, std = pair
         return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}" if several else f"{scale * mean:.{digits}f}"
 
@@ -51,76 +60,93 @@ def format_table(rows):
               "seconds", "seeds"]
     lines = [[e["method"], dash(e["r"]), dash(e["k"]), dash(e["hybrid_r"]), f"{e['trainable_params']:,}",
               f"{e['adapter_flops_per_token']:,}", cell(e["val_loss"], 4), cell(e["pass_at_1"], 1, 100),
-              cell(e["seconds"], 1), str(e["n"])] for e in summarize(rows)]
+              cell(e["seconds"], 1), f"{e['n']}" + (f" ({e['diverged']} diverged)" if e["diverged"] else "")]
+             for e in summary]
     widths = [max(len(str(line[i])) for line in [header] + lines) for i in range(len(header))]
     fmt = lambda line: "  ".join(str(c).rjust(w) for c, w in zip(line, widths))  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
 
 
+def _adapter_lines(ax, adapters, key, scale):
+    """One line per adapter method against the rank budget (per method and k when the rows sweep k), mean ±
+    std over seeds, in the method's colour. Returns the y values drawn."""
+    ks_at = {}
+    for e in adapters:
+        ks_at.setdefault((e["method"], e["rank_budget"]), set()).add(e["k"])
+    sweep_k = any(len(ks) > 1 for ks in ks_at.values())
+    lines, top = {}, max(e["rank_budget"] for e in adapters)
+    for e in adapters:
+        name = f"{e['method']} k={e['k']}" if sweep_k and e["method"] != "lora" else e["method"]
+        lines.setdefault(name, []).append(e)
+    shown = []
+    for i, (name, entries) in enumerate(lines.items()):
+        entries = sorted((e for e in entries if e[key] is not None), key=lambda e: e["rank_budget"])
+        method, xs = lines[name][0]["method"], [e["rank_budget"] for e in entries]
+        ys = [scale * e[key][0] for e in entries]
+        diverged = [str(e["rank_budget"]) for e in lines[name] if e[key] is None]
+        if diverged:
+            name += f" (diverged at rank {', '.join(diverged)})"
+        if method == "hybrid" and max(xs, default=top) < top:
+            name += f" (ranks ≤ {max(xs)} only, as in the paper)"
+        ax.errorbar(xs, ys, yerr=[scale * e[key][1] for e in entries], marker="o", capsize=3, label=name,
+                    color=METHOD_COLORS[method], linestyle="-" if not sweep_k else ["-", "--", ":", "-."][i % 4])
+        if method == "gralora" and not sweep_k:
+            for x, y, e in zip(xs, ys, entries):
+                ax.annotate(f"k={e['k']}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        shown += ys
+    return shown
+
+
+def _reference_lines(ax, references, key, scale, low, high):
+    """FFT and the base model (no rank) as horizontal lines, with a band of ± std over seeds; a val loss far
+    outside the adapters' range [low, high] is written in the legend instead of stretching the axis."""
+    for e in references:
+        if e[key] is None:
+            continue
+        (mean, std), color = (scale * v for v in e[key]), METHOD_COLORS[e["method"]]
+        if key == "val_loss" and not low / 2 <= mean <= 2 * high:
+            ax.plot([], [], color=color, linestyle=":", label=f"{e['method']}: {mean:.3f}, off the axis")
+            continue
+        ax.axhline(mean, label=e["method"], color=color, linestyle="--" if e["method"] == "fft" else ":")
+        if std > 0:
+            ax.axhspan(mean - std, mean + std, color=color, alpha=0.1, label=f"{e['method']} ± std over seeds")
+
+
 def plot_sweep(rows, path=None):
-    """Val loss and pass@1 (in percent) against the rank budget, one line per adapter method (and k), mean ±
-    std over seeds; FFT and the base model as horizontal references. Each method has its colour from
-    METHOD_COLORS. The val-loss axis is logarithmic, so that one diverged run does not flatten the others.
-    Saved to `path` if given; returns the figure."""
+    """Val loss and pass@1 (in percent) against the rank budget: one line per adapter method (see
+    _adapter_lines), FFT and the base model as horizontal references, each in its METHOD_COLORS colour.
+    The val-loss axis turns logarithmic when the adapters' losses span more than a factor of 3 (a stalled
+    run), so that it does not flatten the others. Saved to `path` if given; returns the figure."""
     import matplotlib
 
     if path is not None:
         matplotlib.use("Agg")  # no display needed to write a file
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     summary = summarize(rows)
-    # One line per method; GraLoRA's k is written next to its points. Only a sweep over k (several k at
-    # one rank budget) gets one line per (method, k), in the method's colour, told apart by line style.
-    ks_at = {}
-    for e in summary:
-        ks_at.setdefault((e["method"], e["rank_budget"]), set()).add(e["k"])
-    sweep_k = any(len(ks) > 1 for ks in ks_at.values())
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label, scale in ((axes[0], "val_loss", "val loss (completion tokens, log scale)", 1.0),
+    adapters = [e for e in summary if e["rank_budget"] is not None]
+    ranks = sorted({e["rank_budget"] for e in adapters})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for ax, key, label, scale in ((axes[0], "val_loss", "val loss (completion tokens)", 1.0),
                                   (axes[1], "pass_at_1", "pass@1 on held-out tasks (%)", 100.0)):
-        lines = {}
-        for e in summary:
-            if e["rank_budget"] is not None:
-                name = f"{e['method']} k={e['k']}" if sweep_k and e["method"] != "lora" else e["method"]
-                lines.setdefault(name, []).append(e)
-        shown, styles = [], ["-", "--", ":", "-."]
-        for name, entries in lines.items():
-            entries.sort(key=lambda e: e["rank_budget"])
-            method = entries[0]["method"]
-            same_method = [n for n in lines if lines[n][0]["method"] == method]
-            xs = [e["rank_budget"] for e in entries]
-            ys = [scale * e[key][0] for e in entries]
-            ax.errorbar(xs, ys, yerr=[scale * e[key][1] for e in entries], marker="o", capsize=3, label=name,
-                        color=METHOD_COLORS[method], linestyle=styles[same_method.index(name) % len(styles)])
-            shown += ys
-            if not sweep_k and name == "gralora":
-                for x, y, e in zip(xs, ys, entries):
-                    ax.annotate(f"k={e['k']}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        low, high = (min(shown), max(shown)) if shown else (0.0, 1.0)
-        for e in summary:
-            if e["rank_budget"] is None:  # fft and base: no rank, a horizontal line
-                mean, std = scale * e[key][0], scale * e[key][1]
-                color = METHOD_COLORS[e["method"]]
-                if key == "val_loss" and shown and not low / 2 <= mean <= 2 * high:
-                    # far off the adapters' range (the base model's loss): say it instead of squashing the axis
-                    ax.plot([], [], color=color, linestyle=":", label=f"{e['method']}: {mean:.3f}, off the axis")
-                    continue
-                ax.axhline(mean, label=e["method"], color=color, linestyle="--" if e["method"] == "fft" else ":")
-                if std > 0:
-                    ax.axhspan(mean - std, mean + std, color=color, alpha=0.1)
-        if key == "val_loss":
+        shown = _adapter_lines(ax, adapters, key, scale) if adapters else []
+        low, high = (min(shown), max(shown)) if shown else (0.0, math.inf)
+        _reference_lines(ax, [e for e in summary if e["rank_budget"] is None], key, scale, low, high)
+        if key == "val_loss" and high > 3 * low:
             ax.set_yscale("log")
-            # plain numbers on the log axis, and the minor ticks labelled too when it spans less than a decade
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:.3g}"))
-            ax.yaxis.set_minor_formatter(FuncFormatter(
-                lambda y, _, ax=ax: f"{y:.3g}" if ax.get_ylim()[1] < 10 * ax.get_ylim()[0] else ""))
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("rank budget (the LoRA rank with the same trainable parameters)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=8)
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            label += ", log scale"
+        if ranks:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ranks, [str(r) for r in ranks])
+            ax.set_xlim(ranks[0] / 1.5, ranks[-1] * 1.5)
+            ax.minorticks_off()
+        ax.set(xlabel="rank budget (the LoRA rank with the same trainable parameters)", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     n_seeds = max(e["n"] for e in summary)
     fig.suptitle(f"LoRA vs GraLoRA on toy HumanEval (mean ± std over {n_seeds} seed(s))")
     fig.tight_layout()

@@ -10,15 +10,13 @@ Entry points (`python -m tiny_gpt`, the notebook) choose the device with `pick_d
 takes it as an argument.
 """
 
-import argparse
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
-import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -58,9 +56,9 @@ class TrainConfig:
     min_lr_frac: float = 0.1  # the cosine decays to this share of the peak
     grad_clip: float = 1.0  # clip the gradient's global norm
     eval_every: int = 50  # steps between validation losses (and progress lines)
-    # The training forward in bfloat16 autocast: None = on CUDA only; True forces it (the CPU supports it
-    # too, which is how the tests exercise the gpu preset's path), False turns it off. Val loss and pass@1
-    # are always computed outside autocast, in float32, for every method alike.
+    # bfloat16 autocast of the training forward: None = on CUDA only; True forces it (the CPU runs it too,
+    # which is how the tests check the gpu preset's path); False = off. Val loss and pass@1 are computed in
+    # float32, outside autocast, for every method alike.
     bf16: bool = None
 
     def lr_for(self, method):
@@ -107,50 +105,24 @@ def get_preset(name):
     return PRESETS[name]
 
 
-def quick(preset):
-    """The same preset cut down to a check of its code path, in seconds: the model's shapes, the recipe's
-    learning rates and the bf16 setting stay; the steps (2 + 2), batches (2) and task counts (4 val and 2 test
-    tasks) shrink. Its numbers mean nothing; `python -m tiny_gpt --quick` and the tests use it."""
-    train = dataclasses.replace(preset.train, corpus_programs=200, pretrain_steps=2, pretrain_batch=2,
-                                n_train=32, n_val=4, n_test=2, finetune_steps=2, finetune_batch=2, eval_every=1)
-    return dataclasses.replace(preset, train=train)
-
-
-def positive_float(text):
-    """argparse type: a positive finite number, or an error that names the value."""
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
-    return value
-
-
 def pick_device():
     """cuda if there is one, then Apple's mps, then the cpu."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def available_devices():
-    """The devices this torch build can use here, as names: cpu, then cuda, cuda:0.. and mps when present."""
-    names = ["cpu"]
-    if torch.cuda.is_available():
-        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        names.append("mps")
-    return names
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
 
 
 def parse_device(text):
     """torch.device(text) if this machine has that device, else ValueError naming the available ones."""
-    available = available_devices()
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        available.append("mps")
     try:
         device = torch.device(text)
+        name = device.type if device.index in (None, 0) else str(device)
     except (RuntimeError, ValueError):
-        device = None
-    if device is None or (device.type if device.index in (None, 0) else str(device)) not in available:
+        name = None
+    if name not in available:
         raise ValueError(f"device {text!r} is not available here; available: {', '.join(available)}")
     return device
 
@@ -160,21 +132,26 @@ def print_now(message):
     print(message, flush=True)
 
 
-def write_json(path, obj):
-    """Write `obj` as JSON to `path` atomically: to a temporary file in the same folder, then os.replace, so
-    a reader never sees a half-written file and a failed write leaves the previous file as it was. Raises
-    OSError (the temporary file removed) if the folder cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+def write_atomic(path, save):
+    """Call save(file) on a new temporary file beside `path`, then os.replace it onto `path`: a reader never
+    sees a half-written file, and a failure (or Ctrl-C) leaves the previous file as it was and no temporary
+    file behind. The file gets the usual permissions (0666 less the umask)."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
+        with open(tmp, "wb") as f:
+            save(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json(path, obj):
+    """Write `obj` as indented JSON to `path`, atomically (see write_atomic). Raises OSError if the folder
+    cannot be written, TypeError if `obj` is not JSON-able (then no file is touched)."""
+    text = json.dumps(obj, indent=1) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def lr_at(step, steps, peak, warmup_frac, min_lr_frac):
@@ -186,8 +163,13 @@ def lr_at(step, steps, peak, warmup_frac, min_lr_frac):
     return peak * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+class Diverged(ArithmeticError):
+    """The training loss became NaN or infinite: the run stopped there."""
+
+
 def _optimize(model, params, lr, weight_decay, steps, next_batch, cfg, evaluate, log, label):
-    """The training loop both phases share. Returns the curve [(step, train_loss, val_loss), ...]."""
+    """The training loop both phases share. Returns the curve [(step, train_loss, val_loss), ...]; raises
+    Diverged at the first non-finite training loss."""
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -204,12 +186,14 @@ def _optimize(model, params, lr, weight_decay, steps, next_batch, cfg, evaluate,
         x, y = next_batch()  # (B, T), (B, T)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             _, loss = model(x, y)
+        recent.append(loss.item())
+        if not math.isfinite(recent[-1]):
+            raise Diverged(f"{label}: the training loss is {recent[-1]} at step {step + 1}; stopped")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         tokens += x.numel()
-        recent.append(loss.item())
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
             train_loss, val_loss = sum(recent) / len(recent), evaluate()
             recent = []
@@ -219,11 +203,6 @@ def _optimize(model, params, lr, weight_decay, steps, next_batch, cfg, evaluate,
                 f"{tokens / elapsed:,.0f} tok/s | ETA {elapsed / (step + 1) * (steps - step - 1):.0f}s")
             model.train()
     return curve
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pretraining, cached
-# ---------------------------------------------------------------------------------------------------------
 
 
 def _corpus(train_cfg):
@@ -236,8 +215,8 @@ def _pretrain_config(gpt_cfg, train_cfg):
     shared = ("warmup_frac", "min_lr_frac", "grad_clip")  # the schedule both phases use
     fields = {k: v for k, v in dataclasses.asdict(train_cfg).items()
               if k.startswith(("pretrain_", "corpus_")) or k in shared}
-    if train_cfg.bf16 is not None:  # only when set, so that the keys of older caches stay valid
-        fields["bf16"] = train_cfg.bf16
+    if train_cfg.bf16:  # bf16 autocast gives other weights; the key names it only when it is on
+        fields["bf16"] = True
     corpus_sha256 = hashlib.sha256(_corpus(train_cfg).encode()).hexdigest()
     return dict(gpt=dataclasses.asdict(gpt_cfg), data_seed=train_cfg.data_seed, corpus_sha256=corpus_sha256,
                 **fields)
@@ -260,8 +239,7 @@ def _read_cache(path, config, log):
         return None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        stored = saved["config"]
-        state = saved["state_dict"]
+        stored, state = saved["config"], saved["state_dict"]
     except Exception as err:  # a truncated or foreign file: any failure to read it means "rebuild"
         # one short line: the exception's own text can run to a paragraph (torch's weights_only advice)
         log(f"cache {path} is unreadable ({type(err).__name__}); pretraining again")
@@ -276,8 +254,7 @@ def pretrain(gpt_cfg, train_cfg, device, cache_dir=None, log=print_now):
     """The pretrained base model's state dict, from the cache when it holds one for these configs.
 
     Returns (state_dict on the cpu, from_cache). A fresh model is trained on the corpus (next-character
-    loss on random windows), then written atomically: to a temporary file, then os.replace, so an
-    interrupted run never leaves a half-written cache behind.
+    loss on random windows), then written to the cache with write_atomic.
     """
     path = cache_path(gpt_cfg, train_cfg, cache_dir)
     config = _pretrain_config(gpt_cfg, train_cfg)
@@ -315,16 +292,9 @@ def pretrain(gpt_cfg, train_cfg, device, cache_dir=None, log=print_now):
               next_batch, train_cfg, evaluate, log, "pretrain")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(dict(config=config, state_dict=state), tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(dict(config=config, state_dict=state), f))
     log(f"base model: saved to {path}")
     return state, False
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Fine-tuning
-# ---------------------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=4)
@@ -386,6 +356,9 @@ def adapter_spec(method, rank, k=None, hybrid_r=None, width=None):
         raise ValueError(f"method={method!r} has no adapter; adapter methods are lora, gralora, hybrid")
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive integer, got rank={rank!r}")
+    if width is not None and rank > width:
+        raise ValueError(f"rank={rank} exceeds the model width n_embd={width}: no update of a layer that is "
+                         f"{width} wide has a rank above {width}")
     if method == "lora":
         return rank, 1, 0
     hybrid_r = (rank // 2 if hybrid_r is None else hybrid_r) if method == "hybrid" else 0
@@ -404,19 +377,19 @@ def plan_runs(methods, ranks, seeds, ks=None, hybrid_r=None, hybrid_max_r=16, wi
     """Every run as (method, rank, k, hybrid_r, seed), validated before any training starts.
 
     base runs once (it has no seed); fft once per seed (it has no rank); the adapter methods once per rank,
-    k and seed. Raises ValueError on any impossible combination, naming the numbers.
+    k and seed, hybrid only at ranks up to hybrid_max_r. A value repeated in methods, ranks, seeds or ks
+    counts once. Raises ValueError on any impossible combination, naming the numbers.
     """
+    methods, ranks, seeds = dict.fromkeys(methods), dict.fromkeys(ranks), dict.fromkeys(seeds)
     runs = [("base", None, None, None, None)] if "base" in methods else []
     for seed in seeds:
-        if "fft" in methods:
-            runs.append(("fft", None, None, None, seed))
-        for rank in ranks:
-            for method in ("lora", "gralora", "hybrid"):
-                if method not in methods or (method == "hybrid" and rank > hybrid_max_r):
-                    continue
-                for k in [None] if method == "lora" or ks is None else ks:
-                    adapter_spec(method, rank, k, hybrid_r, width)  # raises ValueError if impossible
-                    runs.append((method, rank, k, hybrid_r if method == "hybrid" else None, seed))
+        runs += [("fft", None, None, None, seed)] if "fft" in methods else []
+        for rank, method in itertools.product(ranks, ("lora", "gralora", "hybrid")):
+            if method not in methods or (method == "hybrid" and rank > hybrid_max_r):
+                continue
+            for k in [None] if method == "lora" or ks is None else dict.fromkeys(ks):
+                adapter_spec(method, rank, k, hybrid_r, width)  # raises ValueError if impossible
+                runs.append((method, rank, k, hybrid_r if method == "hybrid" else None, seed))
     return runs
 
 
@@ -436,64 +409,50 @@ def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, prese
     Args:
         base_state: the pretrained state dict (from `pretrain`).
         method: "base", "fft", "lora", "gralora" or "hybrid".
-        rank: trainable-parameter budget as a LoRA rank (adapter methods only); see `adapter_spec`.
-        k, hybrid_r: override the paper's defaults (see `adapter_spec`).
+        rank, k, hybrid_r: the adapter's trainable-parameter budget as a LoRA rank, and overrides of the
+            paper's k and hybrid_r (adapter methods only; see `adapter_spec`).
         seed: adapter initialisation and batch order; the same seed gives every method the same batches.
         preset: a name in PRESETS or a Preset (to change its configs, use dataclasses.replace).
-        device: where to train.
 
     Returns:
         dict(method, r, k, hybrid_r, seed, trainable_params, val_loss, pass_at_1, seconds, lr, rank_budget,
-        adapter_flops_per_token, curve, model): r, k, hybrid_r are what the adapters were built with (None
-        for base and fft); seconds is the training time alone; lr is the peak learning rate (None for base);
-        curve lists (step, train_loss, val_loss); model is the fine-tuned GPT.
+        adapter_flops_per_token, diverged, curve, model): r, k, hybrid_r as the adapters were built (None for
+        base and fft); seconds of training alone; lr the peak learning rate (None for base); curve lists
+        (step, train_loss, val_loss). A run whose training loss turns non-finite stops there: diverged is
+        True, val_loss and pass_at_1 are None.
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    gpt_cfg, cfg = preset.gpt, preset.train
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    tokenizer = CharTokenizer()
-    tasks = tasks_for(cfg)
-    train_examples = encode_tasks(tasks.train, tokenizer)
-    val_examples = encode_tasks(tasks.val, tokenizer)
-
+    cfg, lr = preset.train, preset.train.lr_for(method)  # lr_for refuses an unknown method
+    tokenizer, tasks = CharTokenizer(), tasks_for(cfg)
+    train_examples, val_examples = encode_tasks(tasks.train, tokenizer), encode_tasks(tasks.val, tokenizer)
     torch.manual_seed(seed)  # the adapters' initialisation
-    model = GPT(gpt_cfg)
+    model = GPT(preset.gpt)
     model.load_state_dict(base_state)
     model.to(device)
     r = spec_k = spec_h = None
     if method in ("lora", "gralora", "hybrid"):
-        r, spec_k, spec_h = adapter_spec(method, rank, k, hybrid_r, gpt_cfg.n_embd)
-        gralora.add_adapters(model, TARGETS, method="lora" if method == "lora" else "gralora",
-                             r=r, k=spec_k, hybrid_r=spec_h)
+        r, spec_k, spec_h = adapter_spec(method, rank, k, hybrid_r, preset.gpt.n_embd)
+        gralora.add_adapters(model, TARGETS, method=method, r=r, k=spec_k, hybrid_r=spec_h)
     params = [p for p in model.parameters() if p.requires_grad] if method != "base" else []
+    gen = torch.Generator().manual_seed(seed)  # batch order: the same for every method at this seed
 
-    curve, seconds = [], 0.0
-    if method != "base":
-        gen = torch.Generator().manual_seed(seed)  # batch order: the same for every method at this seed
+    def next_batch():
+        picks = torch.randint(len(train_examples), (cfg.finetune_batch,), generator=gen).tolist()
+        return collate([train_examples[i] for i in picks], device)
 
-        def next_batch():
-            picks = torch.randint(len(train_examples), (cfg.finetune_batch,), generator=gen).tolist()
-            return collate([train_examples[i] for i in picks], device)
-
-        lr = cfg.lr_for(method)
-        start = time.time()
-        curve = _optimize(model, params, lr, 0.0, cfg.finetune_steps, next_batch, cfg,
-                          lambda: completion_loss(model, val_examples, device), log, f"{method} r={rank}")
-        seconds = time.time() - start
-
+    curve, diverged, start = [], False, time.time()
+    try:
+        if method != "base":
+            curve = _optimize(model, params, lr, 0.0, cfg.finetune_steps, next_batch, cfg,
+                              lambda: completion_loss(model, val_examples, device), log, f"{method} r={rank}")
+    except Diverged as err:
+        log(str(err))
+        diverged = True
     return dict(
         method=method, r=r, k=spec_k, hybrid_r=spec_h, seed=seed if method != "base" else None,
-        trainable_params=sum(p.numel() for p in params),
-        val_loss=completion_loss(model, val_examples, device),
-        pass_at_1=pass_at_1(model, tasks.test, tokenizer),
-        seconds=seconds, lr=cfg.lr_for(method),
-        rank_budget=None if r is None else r + spec_h,
-        adapter_flops_per_token=adapter_flops_per_token(model),
-        curve=curve, model=model,
+        trainable_params=sum(p.numel() for p in params), seconds=time.time() - start,
+        val_loss=None if diverged else completion_loss(model, val_examples, device),
+        pass_at_1=None if diverged else pass_at_1(model, tasks.test, tokenizer),
+        lr=lr, rank_budget=None if r is None else r + spec_h, adapter_flops_per_token=adapter_flops_per_token(model),
+        diverged=diverged, curve=curve, model=model,
     )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reporting: the table and the figure of a sweep
-# ---------------------------------------------------------------------------------------------------------
