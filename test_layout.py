@@ -250,7 +250,7 @@ def test_core_repeats_no_code():
 
 def test_the_layout_checks_find_what_they_look_for(tmp_path):
     """Each check above could fail: a long function is found, and so are six lines of the same shape under other
-    names (in one file or two), but five are not, nor a docstring, comments or imports."""
+    names (in one file or two), but five are not, nor a docstring, comments, imports or a class's fields."""
     block = "def {0}(a, b):\n    c = a + {1}\n    if c > b:\n        return [c, 'x']\n    d = f(c, b=2)\n" \
             "    e = d * 3  # note\n    return e\n"
     one, two = tmp_path / "one.py", tmp_path / "two.py"
@@ -263,6 +263,9 @@ def test_the_layout_checks_find_what_they_look_for(tmp_path):
         assert same_shape_runs([one, two]) == ["one.py:3-9 ~ one.py:12-18", "one.py:3-9 ~ two.py:3-9",
                                                "one.py:12-18 ~ two.py:3-9"]
         assert same_shape_runs([one, two], size=8) == []  # the blocks share 7 lines
+        fields = tmp_path / "fields.py"
+        fields.write_text("".join(f"class C{i}:\n" + "".join(f"    a{j}: int = {j}\n" for j in range(8)) for i in range(2)))
+        assert same_shape_runs([fields]) == []
         assert long_functions([one], 6) == ["one.py:3 f (7 lines)", "one.py:12 g (7 lines)"]
         assert long_functions([one], 7) == []
     finally:
