@@ -408,6 +408,11 @@ def test_cli_continues_where_it_stopped_and_refuses_other_settings(tmp_path, mon
     status, _, stderr = run_main(argv, capsys)
     assert status == 2 and "is not a results file" in stderr and calls == []
 
+    fake_training(monkeypatch, interrupt)  # interrupted without --out: nothing kept, and it says how to keep it
+    status, _, stderr = run_main(argv[:-2], capsys)
+    assert status == 130 and stderr.strip().splitlines() == [
+        "tiny_gpt: interrupted; nothing was saved (no --out); with --out FILE the finished runs are kept"]
+
 
 def test_cli_redraws_the_readme_figure_from_the_committed_sweep(tmp_path, monkeypatch, capsys):
     """The README's sweep command, every run already in results/sweep_cpu.json: the table and the figure, no

@@ -4,19 +4,16 @@
     python -m tiny_gpt                      # the cpu preset: one rank, one seed (the gpu preset with CUDA)
     python -m tiny_gpt --ranks 4 16 64 --seeds 0 1 2 --out results/sweep_cpu.json --fig results/sweep_cpu.png
 
-Ranks are trainable-parameter budgets: every adapter method at rank R trains exactly as many parameters as
-LoRA of rank R. GraLoRA uses r = R with k by the paper's rule; Hybrid GraLoRA (run at R <= 16, as in the paper)
-puts R/2 in GraLoRA blocks and R/2 in a plain LoRA (PEFT's semantics: a row's r is the GraLoRA part, hybrid_r
-the LoRA part). Repeated values in --methods, --ranks, --k and --seeds count once.
+Ranks are trainable-parameter budgets: every adapter method at rank R trains as many parameters as LoRA of
+rank R. GraLoRA uses r = R with k by the paper's rule; Hybrid (run at R <= 16, as in the paper) puts R/2 in
+GraLoRA blocks and R/2 in a plain LoRA (a row's r and hybrid_r). Repeated values count once.
 
---out FILE holds {"config": the preset's settings, "rows": one per finished run}, rewritten after every run.
-The same command run again skips the runs already in FILE (after Ctrl-C it continues where it stopped; when
-all are there, it only prints the table and draws the figure); a FILE made with other settings is refused.
-The base model is cached in $TINY_GPT_CACHE (default: .cache/tiny_gpt).
-
-Exit status: 0 done; 2 a usage error (bad device, rank, --out, --fig or cache folder), before any training;
-130 interrupted (Ctrl-C), the finished runs kept in --out; 1 --out could not be written during the run (the
-rows are then printed as JSON on stdout).
+--out FILE holds {"config": the settings, "rows": one per finished run}, rewritten after every run. The same
+command again skips the runs in FILE: after Ctrl-C (exit status 130) it continues where it stopped; with all
+runs there, it prints the table and draws the figure. A FILE made with other settings is refused. The base
+model is cached in $TINY_GPT_CACHE (default .cache/tiny_gpt). A bad device, rank, --out, --fig or cache
+folder stops the job before any work (exit status 2); if FILE cannot be written mid-run, its rows are
+printed as JSON instead (exit status 1).
 """
 
 import argparse
@@ -27,8 +24,8 @@ import os
 import sys
 
 from .report import format_table, plot_sweep
-from .train import METHODS, PRESETS, adapter_spec, cache_path, finetune, parse_device, pick_device, plan_runs
-from .train import pretrain, print_now, write_json
+from .train import (METHODS, PRESETS, adapter_spec, cache_path, finetune, parse_device, pick_device, plan_runs,
+                    pretrain, print_now, write_json)
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,25 +33,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def checked(parse):
-    """An argparse type from `parse`, whose ValueError message becomes the usage error."""
-
-    def convert(text):
-        try:
-            return parse(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    return convert
-
-
-def positive_float(text):
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise ValueError(f"must be a positive finite number, got {value}")
-    return value
 
 
 def parse_args(argv=None):
@@ -73,14 +51,13 @@ def parse_args(argv=None):
         "budget). Default: half the budget.")
     add("--seeds", nargs="+", type=int, help="fine-tuning seeds (adapter init and batch order); several give "
         "mean ± std. Default: the preset's.")
-    add("--lr-adapter", type=checked(positive_float), help="peak learning rate of LoRA, GraLoRA and Hybrid. "
+    add("--lr-adapter", type=float, help="peak learning rate of LoRA, GraLoRA and Hybrid. "
         "Default: the preset's (1e-2 on the cpu preset).")
     add("--out", help="JSON file of the results, rewritten after every run; run again, the same command continues "
         "it (see above). Its folder is created if missing.")
     add("--fig", help="the val-loss and pass@1 vs rank figure (.png, .pdf, .svg, ...). Default: next to --out as "
         ".png when the run sweeps ranks, k or seeds.")
-    add("--device", type=checked(parse_device), help="torch device this machine has, e.g. cpu or cuda:0. "
-        "Default: cuda, then mps, then cpu.")
+    add("--device", help="torch device this machine has, e.g. cpu or cuda:0. Default: cuda, then mps, then cpu.")
     return parser, parser.parse_args(argv)
 
 
@@ -111,8 +88,8 @@ def check_file(path, flag):
 
 
 def read_rows(path, config):
-    """The rows already in --out `path` ([] if there is no such file); ValueError if it holds other settings."""
-    if not os.path.exists(path):
+    """The rows already in --out `path` ([] if none); ValueError if it holds other settings."""
+    if not path or not os.path.exists(path):
         return []
     try:
         with open(path) as f:
@@ -121,8 +98,8 @@ def read_rows(path, config):
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"--out {path} is not a results file of python -m tiny_gpt ({type(err).__name__}: "
                          f"{err}); use another --out") from None
-    changed = [f"{key}={stored.get(key)} there, {config.get(key)} here" for key in sorted(config.keys() | stored.keys())
-               if stored.get(key) != config.get(key)]
+    changed = [f"{key}={stored.get(key)} there, {config.get(key)} here"
+               for key in sorted(config.keys() | stored.keys()) if stored.get(key) != config.get(key)]
     if changed:
         raise ValueError(f"--out {path} was made with other settings ({'; '.join(changed)}); use another --out")
     return rows
@@ -138,8 +115,17 @@ def row_key(row):
     return tuple(row[key] for key in ("method", "r", "k", "hybrid_r", "seed"))
 
 
-def plan(args, preset):
-    """The runs asked for, keyed as their rows will be, and the figure's path; ValueError on a usage error."""
+def plan(args):
+    """The device, the preset's name, the preset with the command line's changes, the runs asked for (keyed as
+    their rows will be) and the figure's path; ValueError on a bad value or a path that cannot be written."""
+    device = parse_device(args.device) if args.device else pick_device()
+    if args.lr_adapter is not None and not 0 < args.lr_adapter < math.inf:
+        raise ValueError(f"--lr-adapter must be a positive finite number, got {args.lr_adapter}")
+    name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    preset = PRESETS[name]
+    preset = dataclasses.replace(preset, train=dataclasses.replace(
+        preset.train, lr_adapter=args.lr_adapter or preset.train.lr_adapter,
+        bf16=device.type == "cuda" if preset.train.bf16 is None else preset.train.bf16))
     ranks, seeds, width = args.ranks or preset.ranks, args.seeds or preset.seeds, preset.gpt.n_embd
     runs = plan_runs(args.methods, ranks, seeds, args.k, args.hybrid_r, width=width)
     sweep = len(set(ranks)) > 1 or len(set(seeds)) > 1 or len(set(args.k or [])) > 1
@@ -147,7 +133,7 @@ def plan(args, preset):
     for path, flag in ((args.out, "--out"), (fig, "--fig")):
         if path:
             check_file(path, flag)
-    return {run_key(*run, width): run for run in runs}, fig
+    return device, name, preset, {run_key(*run, width): run for run in runs}, fig
 
 
 def save(path, doc):
@@ -177,19 +163,14 @@ def run_all(runs, doc, preset, device, out):
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    device = args.device or pick_device()
-    name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
-    preset = PRESETS[name]
-    cfg = dataclasses.replace(preset.train, lr_adapter=args.lr_adapter or preset.train.lr_adapter,
-                              bf16=device.type == "cuda" if preset.train.bf16 is None else preset.train.bf16)
-    preset = dataclasses.replace(preset, train=cfg)
-    doc = dict(config={**dataclasses.asdict(preset.gpt), **dataclasses.asdict(cfg)}, rows=[])
     try:
-        runs, fig = plan(args, preset)
-        doc["rows"] = read_rows(args.out, doc["config"]) if args.out else []
+        device, name, preset, runs, fig = plan(args)
+        config = {**dataclasses.asdict(preset.gpt), **dataclasses.asdict(preset.train)}
+        doc = dict(config=config, rows=read_rows(args.out, config))
         todo = [run for key, run in runs.items() if key not in {row_key(row) for row in doc["rows"]}]
         if todo:
-            check_folder(os.path.dirname(cache_path(preset.gpt, cfg)), "the base model's cache ($TINY_GPT_CACHE)")
+            check_folder(os.path.dirname(cache_path(preset.gpt, preset.train)),
+                         "the base model's cache ($TINY_GPT_CACHE)")
     except ValueError as err:
         parser.error(str(err))
     done = f", {len(runs) - len(todo)} of them already in {args.out}" if len(todo) < len(runs) else ""

@@ -42,6 +42,7 @@ look at while choosing anything; the test split is only reported.
 A character tokenizer covers both kinds of text with a fixed alphabet, so token ids never depend on the data.
 """
 
+import collections
 import random
 from dataclasses import dataclass
 
@@ -70,11 +71,6 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(self.alphabet[i] for i in ids)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The primitives
-# ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -159,11 +155,6 @@ def _chain(rng, steps, xs, x):
     return filled
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The fine-tuning task
-# ---------------------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Task:
     """One toy-HumanEval problem: the program is `prompt + completion`, checked by the asserts in `test`."""
@@ -174,13 +165,8 @@ class Task:
     ops: tuple  # names of the two chained primitives: the composition the splits are made of
 
 
-@dataclass
-class TaskSplits:
-    """Tasks from disjoint sets of primitive pairs: fit on train, choose on val, report on test."""
-
-    train: list
-    val: list
-    test: list
+# Tasks from disjoint sets of primitive pairs: fit on train, choose on val, report on test.
+TaskSplits = collections.namedtuple("TaskSplits", ["train", "val", "test"])
 
 
 def _random_list(rng):
@@ -235,10 +221,7 @@ def make_tasks(seed=0, n_train=5000, n_val=200, n_test=300, n_tests=6):
     )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The pretraining corpus
-# ---------------------------------------------------------------------------------------------------------
-
+# The pretraining corpus (make_corpus, at the end): the names its programs use.
 _SCALARS = ["a", "b", "c", "n", "m", "k", "total", "value"]
 _LISTS = ["xs", "ys", "nums", "vals", "items", "data"]
 _ELEMENTS = ["x", "y", "v", "i", "item"]

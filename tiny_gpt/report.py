@@ -53,8 +53,7 @@ def format_table(rows):
         mean, std = pair
         return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}" if several else f"{scale * mean:.{digits}f}"
 
-    def dash(value):
-        return "-" if value is None else str(value)
+    dash = lambda value: "-" if value is None else str(value)  # noqa: E731
 
     header = ["method", "r", "k", "hybrid_r", "trainable", "adapter FLOPs/tok", "val loss", "pass@1 %",
               "seconds", "seeds"]
@@ -70,10 +69,8 @@ def format_table(rows):
 def _adapter_lines(ax, adapters, key, scale):
     """One line per adapter method against the rank budget (per method and k when the rows sweep k), mean ±
     std over seeds, in the method's colour. Returns the y values drawn."""
-    ks_at = {}
-    for e in adapters:
-        ks_at.setdefault((e["method"], e["rank_budget"]), set()).add(e["k"])
-    sweep_k = any(len(ks) > 1 for ks in ks_at.values())
+    ks = {(e["method"], e["rank_budget"], e["k"]) for e in adapters}
+    sweep_k = len(ks) > len({key[:2] for key in ks})  # some method has several k at one rank
     lines, top = {}, max(e["rank_budget"] for e in adapters)
     for e in adapters:
         name = f"{e['method']} k={e['k']}" if sweep_k and e["method"] != "lora" else e["method"]

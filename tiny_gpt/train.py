@@ -172,10 +172,8 @@ def _optimize(model, params, lr, weight_decay, steps, next_batch, cfg, evaluate,
     Diverged at the first non-finite training loss."""
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)],
-        lr=lr, betas=(0.9, 0.95),
-    )
+    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay),
+                                   dict(params=no_decay, weight_decay=0.0)], lr=lr, betas=(0.9, 0.95))
     device_type = next(model.parameters()).device.type
     bf16 = device_type == "cuda" if cfg.bf16 is None else cfg.bf16  # the training forward only, never eval
     curve, tokens, start, recent = [], 0, time.time(), []
@@ -240,8 +238,7 @@ def _read_cache(path, config, log):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         stored, state = saved["config"], saved["state_dict"]
-    except Exception as err:  # a truncated or foreign file: any failure to read it means "rebuild"
-        # one short line: the exception's own text can run to a paragraph (torch's weights_only advice)
+    except Exception as err:  # a truncated or foreign file; its message can run to a paragraph, so not shown
         log(f"cache {path} is unreadable ({type(err).__name__}); pretraining again")
         return None
     if stored != config:
@@ -287,9 +284,8 @@ def pretrain(gpt_cfg, train_cfg, device, cache_dir=None, log=print_now):
         return model(*windows(val_ids, val_starts))[1].item()
 
     log(f"pretraining a {model.num_params():,}-parameter GPT on {len(train_ids):,} characters of code")
-    params = list(model.parameters())
-    _optimize(model, params, train_cfg.pretrain_lr, train_cfg.pretrain_weight_decay, train_cfg.pretrain_steps,
-              next_batch, train_cfg, evaluate, log, "pretrain")
+    _optimize(model, list(model.parameters()), train_cfg.pretrain_lr, train_cfg.pretrain_weight_decay,
+              train_cfg.pretrain_steps, next_batch, train_cfg, evaluate, log, "pretrain")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_atomic(path, lambda f: torch.save(dict(config=config, state_dict=state), f))
@@ -395,11 +391,8 @@ def plan_runs(methods, ranks, seeds, ks=None, hybrid_r=None, hybrid_max_r=16, wi
 
 def adapter_flops_per_token(model):
     """Forward matmul FLOPs of all adapter paths for one token (gralora.adapter_flops, summed)."""
-    total = 0
-    for _, layer in gralora.adapter_layers(model):
-        k, hybrid_r = getattr(layer, "k", 1), getattr(layer, "hybrid_r", 0)
-        total += gralora.adapter_flops(1, layer.base.in_features, layer.base.out_features, layer.r, k, hybrid_r)
-    return total
+    return sum(gralora.adapter_flops(1, layer.base.in_features, layer.base.out_features, layer.r, layer.k,
+                                     layer.hybrid_r) for _, layer in gralora.adapter_layers(model))
 
 
 def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, preset="cpu", device="cpu",
