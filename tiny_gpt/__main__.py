@@ -47,12 +47,10 @@ def parse_args(argv=None):
         "most the model's width. Default: the preset's.")
     add("--k", nargs="+", type=int, help="GraLoRA blocks per side; several values sweep k. Default: the paper's "
         "rule, k = 2 for a GraLoRA rank below 64, else 4.")
-    add("--hybrid-r", type=int, help="rank of Hybrid's plain-LoRA part (the GraLoRA part gets the rest of the "
-        "budget). Default: half the budget.")
+    add("--hybrid-r", type=int, help="rank of Hybrid's plain-LoRA part (GraLoRA gets the rest). Default: half.")
     add("--seeds", nargs="+", type=int, help="fine-tuning seeds (adapter init and batch order); several give "
         "mean ± std. Default: the preset's.")
-    add("--lr-adapter", type=float, help="peak learning rate of LoRA, GraLoRA and Hybrid. "
-        "Default: the preset's (1e-2 on the cpu preset).")
+    add("--lr-adapter", type=float, help="peak learning rate of LoRA, GraLoRA and Hybrid. Default: the preset's.")
     add("--out", help="JSON file of the results, rewritten after every run; run again, the same command continues "
         "it (see above). Its folder is created if missing.")
     add("--fig", help="the val-loss and pass@1 vs rank figure (.png, .pdf, .svg, ...). Default: next to --out as "

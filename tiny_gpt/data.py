@@ -36,8 +36,8 @@ Held-out tasks are new compositions. The ordered pairs of primitives are split t
 test): a test task applies two primitives each seen in training, but never one after the other as two
 steps, neither in the fine-tuning tasks nor in the corpus's step-by-step programs. (The corpus's one-line
 comprehensions such as `[v + 2 for v in nums if v > 3]` do fuse a filter and a map, so a test pair may appear
-there in that other form.) The val split (its own pairs) is the one to
-look at while choosing anything; the test split is only reported.
+there in that other form.) The val split (its own pairs) is the one to look at while choosing anything; the
+test split is only reported.
 
 A character tokenizer covers both kinds of text with a fixed alphabet, so token ids never depend on the data.
 """
@@ -82,13 +82,10 @@ class Primitive:
     code: str
     notation: str
     phrase: str
-    n_values: tuple = (None,)
+    n_values: tuple = (None,)  # or a range
 
 
-def _p(name, code, notation, phrase, n_values=(None,)):
-    return Primitive(name, code, notation, phrase, tuple(n_values))
-
-
+_p = Primitive  # short, for the tables below
 PRIMITIVES = [
     _p("add", "{xs} = [{x} + {n} for {x} in {xs}]", "[{x} + {n}]", "add {n} to each number", range(1, 10)),
     _p("sub", "{xs} = [{x} - {n} for {x} in {xs}]", "[{x} - {n}]", "subtract {n} from each number", range(1, 10)),

@@ -56,9 +56,8 @@ class TrainConfig:
     min_lr_frac: float = 0.1  # the cosine decays to this share of the peak
     grad_clip: float = 1.0  # clip the gradient's global norm
     eval_every: int = 50  # steps between validation losses (and progress lines)
-    # bfloat16 autocast of the training forward: None = on CUDA only; True forces it (the CPU runs it too,
-    # which is how the tests check the gpu preset's path); False = off. Val loss and pass@1 are computed in
-    # float32, outside autocast, for every method alike.
+    # bfloat16 autocast of the training forward: None = on CUDA only, True = on (the CPU runs it too), False =
+    # off. Val loss and pass@1 are computed in float32, outside autocast, for every method alike.
     bf16: bool = None
 
     def lr_for(self, method):
@@ -293,14 +292,12 @@ def pretrain(gpt_cfg, train_cfg, device, cache_dir=None, log=print_now):
     return state, False
 
 
-@functools.lru_cache(maxsize=4)
-def get_tasks(data_seed, n_train, n_val, n_test):
-    """make_tasks, remembered: every run of a sweep uses the very same tasks."""
-    return make_tasks(data_seed, n_train, n_val, n_test)
+_make_tasks = functools.lru_cache(maxsize=4)(make_tasks)  # every run of a sweep uses the very same tasks
 
 
 def tasks_for(train_cfg):
-    return get_tasks(train_cfg.data_seed, train_cfg.n_train, train_cfg.n_val, train_cfg.n_test)
+    """The tasks (make_tasks) of these settings, made once."""
+    return _make_tasks(train_cfg.data_seed, train_cfg.n_train, train_cfg.n_val, train_cfg.n_test)
 
 
 def encode_tasks(tasks, tokenizer):
@@ -409,10 +406,9 @@ def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, prese
 
     Returns:
         dict(method, r, k, hybrid_r, seed, trainable_params, val_loss, pass_at_1, seconds, lr, rank_budget,
-        adapter_flops_per_token, diverged, curve, model): r, k, hybrid_r as the adapters were built (None for
-        base and fft); seconds of training alone; lr the peak learning rate (None for base); curve lists
-        (step, train_loss, val_loss). A run whose training loss turns non-finite stops there: diverged is
-        True, val_loss and pass_at_1 are None.
+        adapter_flops_per_token, diverged, curve, model): r, k, hybrid_r as built (None for base and fft);
+        seconds of training; lr the peak rate; curve lists (step, train_loss, val_loss). A run whose training
+        loss turns non-finite stops there: diverged is True, val_loss and pass_at_1 are None.
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     cfg, lr = preset.train, preset.train.lr_for(method)  # lr_for refuses an unknown method
