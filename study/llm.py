@@ -608,9 +608,9 @@ SWEEP_PRESETS = {
     "gpu": dict(steps=600, batch=16, seq_len=512, lr_adapter=5e-4, lr_fft=2e-5, warmup_frac=0.05, clip=1.0,
                 n_train=None, n_val=None, n_problems=None, max_new_tokens=384, eval_batch=16, gen_batch=32, bf16=True,
                 evals=0, ranks=(16, 32, 64, 128), methods=("lora", "gralora", "hybrid", "fft"), lrs=(5e-4,)),
-    # Two CPU cores, about 2 hours: LoRA vs GraLoRA at rank 64 over a learning-rate axis, 100 steps of 4 x 128
-    # tokens, held-out loss 5 times along the way; no HumanEval (a 135M model scores near zero on it).
-    "laptop": dict(steps=100, batch=4, seq_len=128, lr_adapter=None, lr_fft=2e-5, warmup_frac=0.05, clip=1.0,
+    # A laptop CPU, about 1.5 hours on one core: LoRA vs GraLoRA at rank 64 over a learning-rate axis, 80 steps of
+    # 4 x 128 tokens, held-out loss 5 times along the way; no HumanEval (a 135M model scores near zero on it).
+    "laptop": dict(steps=80, batch=4, seq_len=128, lr_adapter=None, lr_fft=2e-5, warmup_frac=0.05, clip=1.0,
                    n_train=None, n_val=48, n_problems=0, max_new_tokens=0, eval_batch=8, gen_batch=0, bf16=False,
                    evals=4, ranks=(64,), methods=("lora", "gralora"), lrs=(1e-3, 3e-3, 1e-2)),
     # The laptop preset cut to 30 steps: a few short runs that find where LoRA stops training well.
@@ -653,8 +653,7 @@ def _finetune_setup(model, method, rank, lr, cfg):
         r, k, hybrid_r, lr = None, None, 0, cfg["lr_fft"]
     else:
         r, k, hybrid_r = adapter_spec(method, rank)
-        gralora.add_adapters(model, list(TARGETS), method="lora" if method == "lora" else "gralora", r=r, k=k,
-                             hybrid_r=hybrid_r)  # alpha = 2 (r + hybrid_r), the paper's alpha = 2 * rank
+        gralora.add_adapters(model, list(TARGETS), method=method, r=r, k=k, hybrid_r=hybrid_r)  # alpha = 2 (r + hybrid_r), the paper's alpha = 2 * rank
     return r, k, hybrid_r, lr, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -714,28 +713,26 @@ def _row_key(row):
     return (row["method"], row["rank"], row["seed"], row["lr"] if row["method"] != "fft" else None)
 
 
-def sweep_data(tokenizer, cfg):
-    """(train, val, problems, fingerprint) for a preset: standard-library functions split by module."""
+def sweep_examples(cfg):
+    """(train, held-out, fingerprint): the standard-library functions a preset draws from, split by module, and
+    what they were (this Python's version, the sha256 of their text)."""
     train_ex, val_ex = code_examples()
     train_ex, val_ex = train_ex[: cfg["n_train"]], val_ex[: cfg["n_val"] and 4 * cfg["n_val"]]
-    train = encode_examples(tokenizer, train_ex, cfg["seq_len"])
-    val = encode_examples(tokenizer, val_ex, cfg["seq_len"])[: cfg["n_val"]]
-    fingerprint = data_fingerprint([ex["prompt"] + ex["completion"] for ex in train_ex + val_ex])
-    problems = humaneval_problems(cfg["n_problems"]) if cfg["n_problems"] != 0 else []
-    return train, val, problems, fingerprint
+    return train_ex, val_ex, data_fingerprint([ex["prompt"] + ex["completion"] for ex in train_ex + val_ex])
 
 
-def _check_data(doc, fingerprint, out, reference, log):
-    """Refuse to add rows made on other data to `out`; warn when the committed reference used other data."""
+def _check_data(doc, fingerprint, out, reference, adding, log):
+    """Compare this Python's data with what `out` (or, for a new file, the committed `reference`) was made on:
+    adding rows to `out` on other data is refused; otherwise a difference is a warning."""
     theirs = doc.get("data") or (_read_doc(reference) or {}).get("data")
-    if theirs and theirs["sha256"] != fingerprint["sha256"]:
-        where = out if doc.get("data") else reference
-        msg = (f"the data differs from {where}'s: it was made from Python {theirs['python']}'s standard library "
-               f"(sha256 {theirs['sha256'][:12]}), this is Python {fingerprint['python']}'s "
-               f"(sha256 {fingerprint['sha256'][:12]}), so the numbers will differ")
-        if doc.get("data"):
-            raise ValueError(msg + "; use another --out")
-        log("warning: " + msg)
+    if not theirs or theirs["sha256"] == fingerprint["sha256"]:
+        return
+    msg = (f"the data differs from {out if doc.get('data') else reference}'s: that was made from Python "
+           f"{theirs['python']}'s standard library (sha256 {theirs['sha256'][:12]}), this is Python "
+           f"{fingerprint['python']}'s (sha256 {fingerprint['sha256'][:12]}), so the numbers will differ")
+    if adding and doc.get("data"):
+        raise ValueError(msg + "; use another --out")
+    log("warning: " + msg)
 
 
 def _read_doc(path):
@@ -758,14 +755,16 @@ def sweep(base, tokenizer, out, preset="gpu", methods=None, ranks=None, seeds=(0
     plan = [run for run in sweep_plan(methods or cfg["methods"], ranks or cfg["ranks"], seeds, lrs or cfg["lrs"])
             if run not in done]
     log(f"sweep: {len(plan)} runs to do, {len(done)} already in {out}")
+    train_ex, val_ex, fingerprint = sweep_examples(cfg)
+    _check_data(doc, fingerprint, out, None if doc["rows"] else SWEEP_OUT[preset], bool(plan), log)
     if not plan:
         return doc["rows"]
-    t0 = time.time()
-    train, val, problems, fingerprint = sweep_data(tokenizer, cfg)
-    _check_data(doc, fingerprint, out, None if doc["rows"] else SWEEP_OUT[preset], log)
     doc["data"] = fingerprint
+    train = encode_examples(tokenizer, train_ex, cfg["seq_len"])
+    val = encode_examples(tokenizer, val_ex, cfg["seq_len"])[: cfg["n_val"]]
+    problems = humaneval_problems(cfg["n_problems"]) if cfg["n_problems"] != 0 else []
     log(f"data: {len(train)} training functions, {len(val)} held-out (by module), {len(problems)} HumanEval "
-        f"problems; Python {fingerprint['python']}, sha256 {fingerprint['sha256'][:12]} ({time.time() - t0:.0f}s)")
+        f"problems; Python {fingerprint['python']}, sha256 {fingerprint['sha256'][:12]}")
     base_val = completion_loss(base.to(device), val, tokenizer.pad_token_id, device, cfg["eval_batch"], cfg["bf16"])
     log(f"base model: held-out loss {base_val:.4f}")
     for method, rank, seed, lr in plan:
@@ -779,14 +778,15 @@ def sweep(base, tokenizer, out, preset="gpu", methods=None, ranks=None, seeds=(0
     return doc["rows"]
 
 
-def _cell(values):
-    """'mean +- std' of the finite values, with the diverged count when some are None."""
-    good = [v for v in values if v is not None]
+def _cell(rows, key):
+    """'mean +- std' over the rows' finite values (just the value for one row), with a count of diverged runs;
+    '-' where nothing was measured."""
+    good = [row[key] for row in rows if row[key] is not None]
+    n_diverged = sum(row["diverged"] for row in rows)
     if not good:
-        return "diverged"
-    std = statistics.stdev(good) if len(good) > 1 else 0.0
-    extra = f" ({len(values) - len(good)} div.)" if len(good) < len(values) else ""
-    return f"{statistics.fmean(good):.4f} +- {std:.4f}{extra}"
+        return "diverged" if n_diverged else "-"
+    text = f"{good[0]:.4f}" if len(good) == 1 else f"{statistics.fmean(good):.4f} +- {statistics.stdev(good):.4f}"
+    return text + (f" ({n_diverged} diverged)" if n_diverged else "")
 
 
 def sweep_table(rows):
@@ -800,7 +800,7 @@ def sweep_table(rows):
                                                                              kv[0][2])):
         k = chosen[0]["k"]
         lines.append(f"{method:>8} {str(rank or '-'):>5} {str(k or '-'):>2} {lr:>7.0e} {len(chosen):>5} "
-                     f"{_cell([r['val_loss'] for r in chosen]):>26} {_cell([r['pass_at_1'] for r in chosen]):>17}")
+                     f"{_cell(chosen, 'val_loss'):>26} {_cell(chosen, 'pass_at_1'):>17}")
     return "\n".join(lines)
 
 
@@ -949,7 +949,7 @@ def add_sweep_parser(sub, common):
                                                        "ranks and learning rates (resumes from --out)")
     p.add_argument("--preset", choices=sorted(SWEEP_PRESETS), default="gpu",
                    help="gpu: Table 2 in miniature on one GPU (bf16, HumanEval pass@1); laptop: the learning-rate "
-                        "sweep on 2 CPU cores (about 2 hours); smoke: seconds, numbers meaningless")
+                        "sweep on a CPU (about 1.5 hours on one core); probe: its short bracket runs; smoke: seconds, numbers meaningless")
     p.add_argument("--out", default=None, help="JSON of rows, resumed when it exists (default: per preset)")
     p.add_argument("--fig", default=None, help="figure (default: --out with .png)")
     p.add_argument("--ranks", type=int, nargs="+", default=None, help="default: the preset's")
@@ -991,9 +991,13 @@ def plot_lr_sweep(rows, path):
                     color=color, alpha=0.6, ms=5)
         highest = [r for r in group if r["lr"] == lrs[-1]]
         for i, r in enumerate(highest):
+            window = min(10, len(r["losses"]))
+            smooth = [statistics.fmean(r["losses"][max(0, j - window + 1): j + 1]) for j in range(len(r["losses"]))]
+            ax2.plot(range(1, len(smooth) + 1), smooth, style, color=color, alpha=0.5, lw=1,
+                     label=f"{method} r={rank} lr={lrs[-1]:g}: training (mean of 10 steps)" if i == 0 else None)
             steps, losses = zip(*r["val_curve"])
-            ax2.plot(steps, losses, style, marker="o", ms=3, color=color, alpha=0.8,
-                     label=f"{method} r={rank} lr={lrs[-1]:g}" if i == 0 else None)
+            ax2.plot(steps, losses, style, marker="o", ms=4, color=color,
+                     label=f"{method} r={rank} lr={lrs[-1]:g}: held-out" if i == 0 else None)
     for r in rows:
         if r["method"] == "fft" and r["val_loss"] is not None:
             ax.axhline(r["val_loss"], color="black", lw=0.8, ls=":", label="fft" if r["seed"] == 0 else None)
@@ -1001,14 +1005,14 @@ def plot_lr_sweep(rows, path):
     for a in (ax, ax2):
         if base is not None:
             a.axhline(base, color="tab:gray", lw=0.8, ls="--", label="base model")
-        a.set_ylabel("held-out completion loss (nats/token)")
+        a.set_ylabel("completion loss (nats/token)")
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
     ax.set_xscale("log")
     ax.set_xlabel("adapter learning rate (AdamW peak)")
     ax.set_title("held-out loss at the end (points: seeds)")
     ax2.set_xlabel("step")
-    ax2.set_title("held-out loss along the way, highest learning rate")
+    ax2.set_title("along the way, at the highest learning rate (each seed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

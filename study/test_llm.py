@@ -243,10 +243,14 @@ def test_sweep_smoke_resume_and_data_check(loaded, tmp_path, monkeypatch):
     monkeypatch.setattr(llm, "data_fingerprint", lambda texts: other)
     with pytest.raises(ValueError, match="data differs.*3.99.0.*another --out"):  # no rows on other data
         llm.sweep(model, tokenizer, out, preset="smoke", seeds=[1], log=logs.append)
+    logs.clear()  # nothing to add: the finished file is shown, with a warning that a rerun here would differ
+    assert llm.sweep(model, tokenizer, out, preset="smoke", seeds=[0], log=logs.append) == rows
+    assert any(line.startswith("warning: the data differs") for line in logs)
     logs.clear()
     fresh = os.path.join(tmp_path, "fresh.json")  # a new file: a warning against the committed reference
     monkeypatch.setitem(llm.SWEEP_OUT, "smoke", out)
-    llm.sweep(model, tokenizer, fresh, preset="smoke", methods=["lora"], seeds=[0], lrs=[1e9], log=logs.append)
+    monkeypatch.setattr(llm, "lr_at", lambda *args: math.nan)  # one AdamW step at a NaN rate: NaN weights
+    llm.sweep(model, tokenizer, fresh, preset="smoke", methods=["lora"], seeds=[0], log=logs.append)
     assert any(line.startswith("warning: the data differs") and "numbers will differ" in line for line in logs)
     with open(fresh) as f:
         (diverged,) = json.load(f)["rows"]
