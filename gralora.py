@@ -39,9 +39,8 @@ Costs, per layer, with T tokens (paper Sec. 4.2 and App. C):
   * matmul FLOPs: 2 * T * r * (N + M), the same as LoRA; counting additions exactly, GraLoRA
     needs (k - 1) * r * T fewer than LoRA (each block sums over n = N/k inputs, not N);
   * latent (the values kept for backward between A and B): T * k * r instead of T * r;
-  * rank: dW can reach rank k * r, but each block has rank <= s = r / k, so a dense rank-r
-    update is generally NOT representable when k > 1. Hybrid GraLoRA adds a plain LoRA of
-    rank hybrid_r beside the blocks for that (paper Sec. 4.3).
+  * rank: dW can reach rank k * r, but each block has rank <= s = r / k, so a dense rank-r update is generally
+    NOT representable when k > 1; Hybrid GraLoRA (paper Sec. 4.3) adds a plain LoRA of rank hybrid_r for that.
 """
 
 import fnmatch
@@ -52,8 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# -----------------------------------------------------------------------------
-# Layers
+# Layers -----------------------------------------------------------------------------------------------------------
 
 
 def _dims(module):
@@ -103,11 +101,10 @@ def _upcast(t):
 
 
 class AdapterLinear(nn.Module):
-    """What LoRALinear and GraLoRALinear share: a frozen `base` (nn.Linear or Conv1D), the checked arguments
-    (k = 1, hybrid_r = 0 for LoRA), scaling = alpha / (r + hybrid_r), and an update path. Subclasses create
-    their factors with _new_factors() and define adapter(x) (the update's output, scaling included) and
-    delta_weight() (the same update as an (M, N) matrix). Merging is explicit: train()/eval() never merge.
-    """
+    """What LoRALinear and GraLoRALinear share: a frozen `base` (nn.Linear or Conv1D), the checked arguments (k = 1,
+    hybrid_r = 0 for LoRA), scaling = alpha / (r + hybrid_r), and an update path. Subclasses create their factors with
+    _new_factors() and define adapter(x) (the update's output, scaling included) and delta_weight() (the same update
+    as an (M, N) matrix). Merging is explicit: train()/eval() never merge."""
 
     def __init__(self, base, r, alpha=None, dropout=0.0, k=1, hybrid_r=0):
         super().__init__()
@@ -142,9 +139,8 @@ class AdapterLinear(nn.Module):
 
     @property
     def weight(self):
-        """The base weight with dW folded in, for code that reads .weight instead of calling the module
-        (nn.MultiheadAttention reads out_proj.weight; nn.TransformerEncoderLayer's inference fast path
-        reads linear1/linear2.weight). Gradients reach A and B through it; adapter dropout cannot apply."""
+        """The base weight with dW folded in, for code that reads .weight instead of calling the module (as
+        nn.MultiheadAttention reads out_proj.weight). Gradients reach A and B through it; dropout cannot apply."""
         if self.merged:
             return self.base.weight
         if self.training and self.dropout > 0:  # not AttributeError: nn.Module would hide the message
@@ -155,6 +151,10 @@ class AdapterLinear(nn.Module):
     @property
     def bias(self):
         return self.base.bias
+
+    def extra_repr(self):
+        return (f"r={self.r}, k={self.k}, hybrid_r={self.hybrid_r}, alpha={self.alpha}, dropout={self.dropout}, "
+                f"merged={self.merged}")
 
     @torch.no_grad()
     def merge(self):
@@ -187,17 +187,13 @@ class LoRALinear(AdapterLinear):
         self.A, self.B = self._new_factors((r, self.in_features), (self.out_features, r))  # (r, N), (M, r)
 
     def adapter(self, x):
-        """The update path alone: scaling * B A x, for x of shape (..., N). Scaling is folded into the
-        small B (M, r) rather than multiplying the (..., M) output, as GraLoRALinear does too."""
+        """The update path alone: scaling * B A x, for x of shape (..., N), scaling folded into the small B."""
         latent = x @ self.A.t()  # (..., r)
         return latent @ (self.scaling * self.B).t()  # (..., M)
 
     def delta_weight(self):
         """dW = scaling * B A, shape (M, N), computed in float32 (or float64) and returned so."""
         return self.scaling * (_upcast(self.B) @ _upcast(self.A))  # (M, N)
-
-    def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, merged={self.merged}"
 
 
 class GraLoRALinear(AdapterLinear):
@@ -234,8 +230,8 @@ class GraLoRALinear(AdapterLinear):
             self.hybrid_A, self.hybrid_B = self._new_factors((hybrid_r, N), (M, hybrid_r))
 
     def adapter(self, x):
-        """The update path alone, for x of shape (..., N): paper Eq. 6 as two einsums, then the hybrid
-        LoRA. Scaling is folded into the small B factors rather than multiplying the (..., M) output."""
+        """The update path alone, for x of shape (..., N): paper Eq. 6 as two einsums, then the hybrid LoRA;
+        scaling folded into the small B factors rather than multiplying the (..., M) output."""
         k, _, s, n = self.A.shape
         x_blocks = x.unflatten(-1, (k, n))  # (..., k, n): x_blocks[..., j, :] = x_j
         latent = torch.einsum("...jn,ijsn->...ijs", x_blocks, self.A)  # (..., k, k, s): [.., i, j, :] = A_ij x_j
@@ -256,13 +252,8 @@ class GraLoRALinear(AdapterLinear):
             dW = dW + _upcast(self.hybrid_B) @ _upcast(self.hybrid_A)  # (M, N)
         return self.scaling * dW
 
-    def extra_repr(self):
-        return (f"r={self.r}, k={self.k}, hybrid_r={self.hybrid_r}, alpha={self.alpha}, "
-                f"dropout={self.dropout}, merged={self.merged}")
 
-
-# -----------------------------------------------------------------------------
-# Model-level helpers: wrap, freeze, count, save/load, merge
+# Model-level helpers: wrap, freeze, count, save/load, merge -------------------------------------------------------
 
 
 def _matches(name, patterns):
@@ -301,18 +292,15 @@ def _select(model, targets):
 
 
 def add_adapters(model, targets, method="gralora", r=8, k=None, alpha=None, dropout=0.0, hybrid_r=0):
-    """Replace, in place, each nn.Linear (or transformers Conv1D, as in GPT-2) whose module name matches
-    a pattern in `targets` with a LoRALinear (method="lora"), a GraLoRALinear (method="gralora", k=2 by
-    default; Hybrid when hybrid_r > 0) or a Hybrid GraLoRALinear (method="hybrid", hybrid_r > 0), then
-    freeze every other parameter. Returns the wrapped names.
+    """Replace, in place, each nn.Linear (or transformers Conv1D, as in GPT-2) whose module name matches a pattern in
+    `targets` with a LoRALinear (method="lora"), a GraLoRALinear (method="gralora", k=2 by default; Hybrid when
+    hybrid_r > 0) or a Hybrid GraLoRALinear (method="hybrid", hybrid_r > 0), then freeze every other parameter.
+    Returns the wrapped names. A name matches a pattern if it equals it, ends with "." + pattern, or fnmatch-matches
+    it: ["c_attn", "mlp.*"] wraps "h.0.attn.c_attn" and "h.0.mlp.c_fc".
 
-    A name matches a pattern if it equals it, ends with "." + pattern, or fnmatch-matches it:
-    targets=["c_attn", "mlp.*"] wraps "h.0.attn.c_attn" and "h.0.mlp.c_fc".
-
-    Everything is checked before any layer is replaced, so a ValueError leaves the model as it was. A rank
-    above a matched layer's min(in_features, out_features) is an error, not a warning: the update never
-    reaches it, so the extra parameters train for nothing, and a pattern that reaches a small layer (a
-    router, a classifier head) is most often a slip. Leave that layer out of targets, or lower r.
+    Everything is checked before any layer is replaced, so a ValueError leaves the model as it was. A rank above a
+    matched layer's min(in_features, out_features) is an error: the update never reaches it, and a pattern that
+    reaches a small layer (a router, a classifier head) is most often a slip.
     """
     if isinstance(targets, str):
         targets = [targets]
@@ -401,9 +389,7 @@ def unmerge_adapters(model):
         mod.unmerge()
 
 
-# -----------------------------------------------------------------------------
-# Hugging Face PEFT interoperability (peft.tuners.gralora, same r / hybrid_r / alpha meaning)
-#
+# Hugging Face PEFT interoperability (peft.tuners.gralora; r, hybrid_r and alpha mean the same) -------------------
 # PEFT stores one A and one B per input / output slice, with the block index folded into the rank:
 #   gralora_A: (k, n, r)  gralora_A[j, :, i*s:(i+1)*s] = A[i, j].T
 #   gralora_B: (k, r, m)  gralora_B[i, j*s:(j+1)*s, :] = B[i, j].T
@@ -411,8 +397,7 @@ def unmerge_adapters(model):
 
 
 def to_peft_gralora(layer):
-    """A GraLoRALinear's factors in PEFT's layout (keys as in PEFT's adapter state dict, minus the
-    module prefix)."""
+    """A GraLoRALinear's factors in PEFT's layout (keys as in PEFT's adapter state dict, minus the prefix)."""
     k, _, s, n = layer.A.shape
     m = layer.B.shape[2]
     out = {
@@ -447,8 +432,7 @@ def load_peft_gralora(layer, tensors):
             layer.hybrid_B.copy_(tensors["gralora_B_general.weight"])
 
 
-# -----------------------------------------------------------------------------
-# Parity accounting (paper Sec. 4.2, Table 1 and App. C). k = 1 is LoRA.
+# Parity accounting (paper Sec. 4.2, Table 1 and App. C). k = 1 is LoRA. -------------------------------------------
 
 
 def adapter_params(in_features, out_features, r, k=1, hybrid_r=0):
@@ -461,11 +445,10 @@ def adapter_flops(tokens, in_features, out_features, r, k=1, hybrid_r=0, exact=F
     """Forward FLOPs of the adapter path for `tokens` tokens (backward costs twice this).
 
     exact=False: the usual matmul count, 2 FLOPs per multiply-add: 2 * T * r * (N + M), whatever k.
-    exact=True: the paper's App. C count, where a dot product of length L costs L multiplies and
-    L - 1 additions. Down-projection: k^2 blocks * T * s * (2n - 1) = T * r * (2N - k); up-projection:
-    T * M * (2r - 1), as every output sums r latent values in both methods. So GraLoRA needs
-    (k - 1) * r * T fewer than LoRA. The hybrid part adds a LoRA's count plus T * M to add its
-    output to the blocks'. Scaling and the base layer are not counted.
+    exact=True: the paper's App. C count, where a dot product of length L costs L multiplies and L - 1 additions.
+    Down-projection: k^2 blocks * T * s * (2n - 1) = T * r * (2N - k); up-projection: T * M * (2r - 1), as every
+    output sums r latent values in both methods. So GraLoRA needs (k - 1) * r * T fewer than LoRA. The hybrid part
+    adds a LoRA's count plus T * M to add its output to the blocks'. Scaling and the base layer are not counted.
     """
     T, N, M = tokens, in_features, out_features
     if not exact:

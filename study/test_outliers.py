@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 import gralora
+from conftest import randomize_B
 from study import outliers
 from tiny_gpt import train
 from tiny_gpt.model import GPT, GPTConfig
@@ -131,12 +132,7 @@ def adapter(method, N=12, M=8, r=4, k=2, hybrid_r=0, seed=0, random_B=True):
     base = nn.Linear(N, M, dtype=torch.float64)
     layer = (gralora.LoRALinear(base, r) if method == "lora"
              else gralora.GraLoRALinear(base, r, k=k, hybrid_r=hybrid_r))
-    if random_B:
-        with torch.no_grad():
-            for name, p in layer.named_parameters():
-                if name.endswith("B"):
-                    p.normal_()
-    return layer
+    return randomize_B(layer, seed) if random_B else layer
 
 
 @pytest.mark.parametrize("method,k,hybrid_r", [("lora", 1, 0), ("gralora", 2, 0), ("gralora", 4, 0),

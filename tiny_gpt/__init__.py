@@ -1,14 +1,5 @@
-"""tiny_gpt: GraLoRA vs LoRA vs full fine-tuning in miniature, on a laptop CPU.
-
-    model.py     a nanoGPT-style causal GPT (GPT-2 module names) with a KV cache for fast greedy decoding
-    data.py      a character tokenizer; a corpus of small Python programs; "toy HumanEval" tasks whose
-                 held-out split is made of compositions never seen in training
-    evaluate.py  passes(program, test): contained execution; pass@1 with greedy decoding
-    train.py     presets, cached pretraining, fine-tuning with fft / lora / gralora / hybrid
-    report.py    the results table and the sweep figure
-    __main__.py  `python -m tiny_gpt`, the main job
-
-In a notebook:
+"""tiny_gpt: GraLoRA vs LoRA vs full fine-tuning in miniature, on a laptop CPU (model, data, evaluate, train,
+report; `python -m tiny_gpt` is the main job). In a notebook:
 
     from tiny_gpt import PRESETS, pick_device, pretrain, finetune
     preset, device = PRESETS["cpu"], pick_device()

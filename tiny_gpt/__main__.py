@@ -4,16 +4,15 @@
     python -m tiny_gpt                      # the cpu preset: one rank, one seed (the gpu preset with CUDA)
     python -m tiny_gpt --ranks 4 16 64 --seeds 0 1 2 --out results/sweep_cpu.json --fig results/sweep_cpu.png
 
-Ranks are trainable-parameter budgets: every adapter method at rank R trains as many parameters as LoRA of
-rank R. GraLoRA uses r = R with k by the paper's rule; Hybrid (run at R <= 16, as in the paper) puts R/2 in
-GraLoRA blocks and R/2 in a plain LoRA (a row's r and hybrid_r). Repeated values count once.
+Ranks are trainable-parameter budgets: every adapter method at rank R trains as many parameters as LoRA of rank
+R. GraLoRA uses r = R, k by the paper's rule; Hybrid (at R <= 16, as in the paper) puts R/2 in GraLoRA blocks and
+R/2 in a plain LoRA (a row's r and hybrid_r). Repeated values count once.
 
---out FILE holds {"config": the settings, "rows": one per finished run}, rewritten after every run. The same
-command again skips the runs in FILE: after Ctrl-C (exit status 130) it continues where it stopped; with all
-runs there, it prints the table and draws the figure. A FILE made with other settings is refused. The base
-model is cached in $TINY_GPT_CACHE (default .cache/tiny_gpt). A bad device, rank, --out, --fig or cache
-folder stops the job before any work (exit status 2); if FILE cannot be written mid-run, its rows are
-printed as JSON instead (exit status 1).
+--out FILE holds {"config": the settings, "rows": one per finished run}, rewritten after every run. The same command
+again skips the runs in FILE: after Ctrl-C (exit status 130) it continues where it stopped; with all runs there, it
+prints the table and draws the figure. A FILE made with other settings is refused. The base model is cached in
+$TINY_GPT_CACHE (default .cache/tiny_gpt). A bad device, rank, --out, --fig or cache folder stops the job before any
+work (exit status 2); if FILE cannot be written mid-run, its rows are printed as JSON instead (exit status 1).
 """
 
 import argparse
@@ -43,16 +42,14 @@ def parse_args(argv=None):
         "laptop), gpu (one GPU, a bigger model). Default: gpu when the device is CUDA, else cpu.")
     add("--methods", nargs="+", choices=METHODS, default=METHODS, help="base (the pretrained model, not fine-tuned), "
         "fft (full fine-tuning), lora, gralora, hybrid. Default: all.")
-    add("--ranks", nargs="+", type=int, help="rank budgets (the LoRA rank with the same trainable parameters), at "
-        "most the model's width. Default: the preset's.")
+    add("--ranks", nargs="+", type=int, help="rank budgets (see above) up to the model width. Default: the preset's.")
     add("--k", nargs="+", type=int, help="GraLoRA blocks per side; several values sweep k. Default: the paper's "
         "rule, k = 2 for a GraLoRA rank below 64, else 4.")
     add("--hybrid-r", type=int, help="rank of Hybrid's plain-LoRA part (GraLoRA gets the rest). Default: half.")
     add("--seeds", nargs="+", type=int, help="fine-tuning seeds (adapter init and batch order); several give "
         "mean ± std. Default: the preset's.")
     add("--lr-adapter", type=float, help="peak learning rate of LoRA, GraLoRA and Hybrid. Default: the preset's.")
-    add("--out", help="JSON file of the results, rewritten after every run; run again, the same command continues "
-        "it (see above). Its folder is created if missing.")
+    add("--out", help="JSON file of the results, rewritten after every run (see above); its folder is made if missing.")
     add("--fig", help="the val-loss and pass@1 vs rank figure (.png, .pdf, .svg, ...). Default: next to --out as "
         ".png when the run sweeps ranks, k or seeds.")
     add("--device", help="torch device this machine has, e.g. cpu or cuda:0. Default: cuda, then mps, then cpu.")
@@ -78,7 +75,6 @@ def check_file(path, flag):
     check_folder(os.path.dirname(os.path.abspath(path)), f"{flag} {path}")
     if flag == "--fig":
         from matplotlib.backend_bases import FigureCanvasBase
-
         ext, formats = os.path.splitext(path)[1].lstrip(".").lower(), FigureCanvasBase.get_supported_filetypes()
         if ext not in formats:
             what = f"{ext!r} files" if ext else "a file without an extension"

@@ -1,45 +1,22 @@
 """Toy code data, generated from a seed: a pretraining corpus and a "toy HumanEval" fine-tuning task.
 
-Both are built from the same 22 list operations ("primitives", most with a number in them) and 5 ways to
-return, each known three ways: as a line of code, as a terse step notation, and as an English phrase.
+Both chain the same 22 list operations ("primitives", most with a number in them) and 5 ways to return, each
+known three ways: as a line of code (`xs = [x + 3 for x in xs]`), in a terse step notation (`[x + 3]`) and as an
+English phrase ("add 3 to each number").
 
-    primitive   code                               notation             English
-    add         xs = [x + 3 for x in xs]           [x + 3]              add 3 to each number
-    even        xs = [x for x in xs if x % 2 == 0] [? x % 2 == 0]       keep the even numbers
-    sum         return sum(xs)                     -> sum               return their sum
-
-1. The pretraining corpus: small random Python programs (arithmetic, loops, list comprehensions) and
-   functions that chain primitives under a docstring in step notation:
-
-       def g(nums):
-           \"\"\"[v + 3] [? v % 2 == 0] -> sum\"\"\"
-           nums = [v + 3 for v in nums]
-           nums = [v for v in nums if v % 2 == 0]
-           return sum(nums)
-
-   So the base model knows Python and how to turn a list of steps into lines, but no English.
-
-2. The fine-tuning task (instruction -> function body, like HumanEval): the same kind of function, asked for
-   in English. Each task chains two primitives and a return, and its test is asserts whose expected values
-   come from running the reference body:
-
-       def f(xs):
-           \"\"\"Add 3 to each number, then keep the even numbers, then return their sum.\"\"\"
-           xs = [x + 3 for x in xs]
-           xs = [x for x in xs if x % 2 == 0]
-           return sum(xs)
-
+1. The pretraining corpus: small random Python programs (arithmetic, loops, list comprehensions), and functions
+   that chain primitives under a docstring in step notation (`[v + 3] [? v % 2 == 0] -> sum`). So the base
+   model knows Python and how to turn a list of steps into lines, but no English.
+2. The fine-tuning task (instruction -> function body, like HumanEval): the same kind of function, asked for in
+   English ("Add 3 to each number, then keep the even numbers, then return their sum."). Each task chains two
+   primitives and a return; its test is asserts whose expected values come from running the reference body.
    Fine-tuning must teach what 27 English phrases (with their numbers) mean: a real update, as the base
    model's near-zero pass@1 shows, and a many-entry mapping, where a tiny rank can fall short.
 
-Held-out tasks are new compositions. The ordered pairs of primitives are split three ways (train, val,
-test): a test task applies two primitives each seen in training, but never one after the other as two
-steps, neither in the fine-tuning tasks nor in the corpus's step-by-step programs. (The corpus's one-line
-comprehensions such as `[v + 2 for v in nums if v > 3]` do fuse a filter and a map, so a test pair may appear
-there in that other form.) The val split (its own pairs) is the one to look at while choosing anything; the
-test split is only reported.
-
-A character tokenizer covers both kinds of text with a fixed alphabet, so token ids never depend on the data.
+Held-out tasks are new compositions: the ordered pairs of primitives are split into train, val and test, and a
+test task chains two primitives each seen in training but never one after the other as two steps, neither in the
+tasks nor in the corpus's step-by-step programs (its one-line comprehensions may fuse a test pair's filter and
+map). Choose anything on val; only report test. A character tokenizer with a fixed alphabet covers both texts.
 """
 
 import collections
@@ -64,10 +41,8 @@ class CharTokenizer:
             return [self.stoi[ch] for ch in text]
         except KeyError as err:
             ch = err.args[0]
-            raise ValueError(
-                f"character {ch!r} at position {text.index(ch)} is not in the tokenizer's alphabet "
-                "(newline and printable ASCII)"
-            ) from None
+            raise ValueError(f"character {ch!r} at position {text.index(ch)} is not in the tokenizer's alphabet "
+                             "(newline and printable ASCII)") from None
 
     def decode(self, ids) -> str:
         return "".join(self.alphabet[i] for i in ids)
@@ -127,10 +102,8 @@ STOP = "\n\n"  # a blank line ends a function, in the corpus and in every task
 
 
 def split_pairs(seed, val_frac=0.1, test_frac=0.2):
-    """The ordered pairs of distinct primitives, shuffled by `seed` and cut into (train, val, test) lists.
-
-    Corpus and tasks made with the same seed use the same cut, so a val or test pair appears in neither.
-    """
+    """The ordered pairs of distinct primitives, shuffled by `seed` and cut into (train, val, test) lists. Corpus
+    and tasks made with the same seed use the same cut, so a val or test pair appears in neither."""
     pairs = [(a.name, b.name) for a in PRIMITIVES for b in PRIMITIVES if a is not b]
     random.Random(seed).shuffle(pairs)
     n_test, n_val = round(test_frac * len(pairs)), round(val_frac * len(pairs))
@@ -270,10 +243,8 @@ def _steps_program(rng, successors):
 
 
 def make_corpus(seed=0, n_programs=4000):
-    """A pretraining text of `n_programs` small, runnable Python programs, each followed by a blank line.
-
-    Half are step-notation functions; consecutive steps there are always a training pair of split_pairs(seed).
-    """
+    """A pretraining text of `n_programs` small, runnable Python programs, each followed by a blank line. Half
+    are step-notation functions, whose consecutive steps are always a training pair of split_pairs(seed)."""
     train_pairs, _, _ = split_pairs(seed)
     successors = {}
     for a, b in train_pairs:

@@ -4,39 +4,33 @@
 works in a fresh temporary directory, disables the obvious ways to do harm (shell, subprocess, fork, exec,
 kill, deleting or renaming files, writing files outside its directory) and, where the platform allows, caps its
 memory, CPU time and file sizes. After a wall-clock timeout, or once the child has exited, the parent kills it
-and, where there are process groups, everything it started.
-
-This is a guard against accidents, not a security boundary. It stops an infinite loop, a memory bomb or a stray
-`os.remove` written by a tiny model, not an adversary: Python code can undo every one of these patches (ctypes,
-reloading modules, walking frames). For real untrusted code, use a container or VM with no network and no host
-mounts.
+and, where there are process groups, everything it started. This is a guard against accidents (an infinite loop,
+a memory bomb, a stray `os.remove` by a tiny model), not a security boundary: Python code can undo every one of
+these patches (ctypes, reloading modules, walking frames). For untrusted code, use a container or VM.
 
 Which guards hold where (`_guards()` is the one place that looks at the platform):
 
     guard                                    Linux  macOS, Py 3.13+  macOS, Py 3.10-3.12  Windows
-    wall-clock timeout, then the child is    yes    yes              yes                  yes
-      killed; fresh temp dir; patched os,
-      open, subprocess; stdout over 1 MiB
-      is a failure
+    wall-clock timeout, then a kill; fresh   yes    yes              yes                  yes
+      temp dir; patched os, open, subprocess;
+      stdout over 1 MiB is a failure
     CPU-time and file-size caps (rlimits)    yes    yes              yes                  no (timeout only)
     memory cap (RLIMIT_AS)                   yes    no (1)           no (1)               no
     own process group, killed as a whole     yes    yes              yes (2)              no: the child only (3)
 
     (1) macOS rejects RLIMIT_AS (setrlimit fails with EINVAL) and would not enforce it anyway.
-    (2) without os.waitid (macOS before Python 3.13) the child is reaped before its group is killed: stray
-        processes are still killed, but in that instant its pid could in principle be reused.
-    (3) the harness removes the ways to start processes (os.system, os.spawn*, os.startfile, subprocess,
-        multiprocessing), so nothing should be left behind; nothing would kill it if something were.
+    (2) without os.waitid (macOS before Python 3.13) the child is reaped before its group is killed, so in
+        that instant its pid could in principle be reused.
+    (3) nothing should be left behind: the harness removes the ways to start processes (os.system, os.spawn*,
+        os.startfile, subprocess, multiprocessing); nothing would kill it if something were.
 
-How a pass is recognised: the parent sends a random nonce on stdin; the harness reads it before any program
-code runs and prints it only after the last assert has passed. The parent counts a pass only if the process
-exited with status 0 AND printed the nonce as its last line, so a program that exits early with status 0
-(sys.exit(0), os._exit(0)) before its asserts ran cannot look like a success. The harness also prints a line
-once its guards are set; if the child stops before that line (it could not set a guard, or the harness does
-not work on this platform) the program is judged failed AND passes() warns, so a broken harness cannot pass
-for a model that fails every task.
+A pass needs exit status 0 AND, as the last line, a random nonce that the harness reads from stdin before any
+program code runs and prints only after the last assert, so an early sys.exit(0) or os._exit(0) is no pass. The
+harness first prints a line once its guards are set; a child that stops before it is judged failed AND passes()
+warns, so a broken harness cannot pass for a model that fails every task.
 """
 
+import contextlib
 import json
 import os
 import secrets
@@ -79,13 +73,12 @@ def refuse(name):
     return refused
 
 
-# os re-exports these from posix (nt on Windows); patch both so neither name reaches the real function.
 DISABLED = ["system", "popen", "fork", "forkpty", "vfork", "posix_spawn", "posix_spawnp", "kill", "killpg",
             "execv", "execve", "spawnv", "spawnve", "startfile", "remove", "unlink", "rmdir", "removedirs",
             "rename", "renames", "replace", "truncate", "ftruncate", "chmod", "fchmod", "lchmod", "chown",
             "fchown", "lchown", "link", "symlink", "chdir", "chroot", "mkdir", "makedirs", "mkfifo", "mknod",
             "utime", "setxattr", "removexattr", "pidfd_open"]
-for module in (os, sys.modules[os.name]):
+for module in (os, sys.modules[os.name]):  # os re-exports these from posix (nt on Windows): patch both
     for name in DISABLED:
         if hasattr(module, name):
             setattr(module, name, refuse(name))
@@ -128,13 +121,11 @@ builtins.open = io.open = _io.open = guarded_open
 io.FileIO = _io.FileIO = GuardedFileIO
 os.open = sys.modules[os.name].open = guarded_os_open
 
-sys.stdout.write(job["ready"] + "\n")  # every guard is set
-sys.stdout.flush()
+print(job["ready"], flush=True)  # every guard is set
 namespace = {"__name__": "__main__"}
 exec(compile(program, "<program>", "exec"), namespace)
 exec(compile(test, "<test>", "exec"), namespace)
-sys.stdout.write("\n" + nonce + "\n")  # reached only if the program and every assert ran to the end
-sys.stdout.flush()
+print("\n" + nonce, flush=True)  # reached only if the program and every assert ran to the end
 '''
 
 
@@ -142,10 +133,9 @@ def _guards() -> dict:
     """The guards this platform gives passes(): the only place in this module that looks at the platform."""
     try:
         import resource  # noqa: F401  (POSIX only)
+        limits = ["RLIMIT_CPU", "RLIMIT_FSIZE"] + ([] if sys.platform == "darwin" else ["RLIMIT_AS"])  # see (1)
     except ImportError:
         limits = []
-    else:  # macOS rejects RLIMIT_AS
-        limits = ["RLIMIT_CPU", "RLIMIT_FSIZE"] + ([] if sys.platform == "darwin" else ["RLIMIT_AS"])
     return {
         "limits": limits,  # the rlimits the child sets on itself
         "process_group": hasattr(os, "setsid") and hasattr(os, "killpg"),  # POSIX: a new session, killpg
@@ -154,21 +144,15 @@ def _guards() -> dict:
 
 
 def passes(program: str, test: str, timeout: float = 2.0, memory_mb: int = 512) -> bool:
-    """True if `program` and then every assert in `test` run to the end in a contained child process.
-
-    A guard against accidents, not a security boundary; which guards hold on which platform is in the module
-    docstring. Never raises: a program the guard cannot judge is judged failed (with a RuntimeWarning when
-    the child could not even be started or set up).
+    """True if `program` and then every assert in `test` run to the end in a contained child process; False on an
+    exception, a failed assert, an early exit, a crash, a limit hit or a timeout. Never raises: what cannot be
+    judged is judged failed, with a RuntimeWarning when the child could not start or set up its guards.
 
     Args:
         program: Python source that defines the function under test.
         test: Python source with the asserts, run in the same namespace after `program`.
         timeout: wall-clock seconds before the child (and its process group, where there is one) is killed.
         memory_mb: address-space cap of the child, where the platform has one (Linux).
-
-    Returns:
-        True only if the child exited with status 0 and printed the nonce last; an exception, a failed
-        assert, an early exit, a crash, a limit hit or a timeout all give False.
     """
     guards = _guards()
     nonce = secrets.token_hex(16)
@@ -202,30 +186,22 @@ def _run(job, sandbox, out, timeout, guards) -> int:
     proc = subprocess.Popen([sys.executable, "-I", "-c", _HARNESS], stdin=subprocess.PIPE, stdout=out,
                             stderr=subprocess.DEVNULL, cwd=sandbox, start_new_session=group)
     try:
-        try:
+        with contextlib.suppress(OSError):  # the child died before reading its job (BrokenPipe; EINVAL on Windows)
             proc.stdin.write(json.dumps(job).encode())  # ASCII: json escapes the rest
             proc.stdin.close()
-        except OSError:  # the child died before reading its job (BrokenPipeError; EINVAL on Windows)
-            pass
         if guards["wait_without_reaping"]:
             # Wait for the child to exit WITHOUT reaping it (WNOWAIT): while it is a zombie its pid, which
             # is also its process group id, cannot be reused, so the killpg below cannot hit a stranger.
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                    break
+            deadline, flags = time.monotonic() + timeout, os.WEXITED | os.WNOHANG | os.WNOWAIT
+            while time.monotonic() < deadline and os.waitid(os.P_PID, proc.pid, flags) is None:
                 time.sleep(0.005)
         else:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout)  # reaps the child if it exits in time
-            except subprocess.TimeoutExpired:
-                pass
     finally:
         if group:
-            try:
+            with contextlib.suppress(OSError):  # no such group any more (ESRCH), or only zombies in it (EPERM, macOS)
                 os.killpg(proc.pid, signal.SIGKILL)  # the child, if still running, and anything it started
-            except OSError:  # no such group any more (ESRCH), or only zombies left in it (EPERM on macOS)
-                pass
         else:
             proc.kill()  # the child only; does nothing once it has been reaped
         returncode = proc.wait()
@@ -234,11 +210,8 @@ def _run(job, sandbox, out, timeout, guards) -> int:
 
 @torch.no_grad()
 def complete(model, tokenizer, prompts, max_new_tokens=160, batch_size=512):
-    """Greedy completions of `prompts`, each cut just after its first stop sequence (a blank line).
-
-    Prompts are decoded `batch_size` at a time, left-padded to a common length (see GPT.generate); sorting
-    them by length first keeps the padding small.
-    """
+    """Greedy completions of `prompts`, each cut just after its first stop sequence (a blank line). Prompts are
+    decoded `batch_size` at a time, sorted by length so that the left padding (see GPT.generate) stays small."""
     device = next(model.parameters()).device
     stop = tokenizer.encode(STOP)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -261,11 +234,8 @@ def complete(model, tokenizer, prompts, max_new_tokens=160, batch_size=512):
 
 
 def pass_at_1(model, tasks, tokenizer, max_new_tokens=160, workers=4, timeout=2.0):
-    """Share of `tasks` whose greedy completion passes its asserts (pass@1 with greedy decoding).
-
-    Decoding is batched on the model's device; the programs then run `workers` at a time (each in its own
-    process, so threads are enough to overlap them).
-    """
+    """Share of `tasks` whose greedy completion passes its asserts (pass@1 with greedy decoding). The programs
+    run `workers` at a time (each in its own process, so threads are enough to overlap them)."""
     completions = complete(model, tokenizer, [task.prompt for task in tasks], max_new_tokens)
     jobs = [(task.prompt + completion, task.test) for task, completion in zip(tasks, completions)]
     with ThreadPoolExecutor(max_workers=workers) as pool:

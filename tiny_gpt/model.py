@@ -1,16 +1,13 @@
 """A tiny causal GPT in the style of nanoGPT, small enough to pretrain on a laptop CPU in minutes.
 
 It follows GPT-2 (Radford et al., 2019) as nanoGPT (Karpathy) writes it: token and position embeddings,
-pre-LayerNorm blocks of causal self-attention and an MLP, a final LayerNorm, and an output head tied to the
-token embedding. The module names are GPT-2's (`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `attn.c_proj`,
-`ln_2`, `mlp.c_fc`, `mlp.c_proj`, `ln_f`, `lm_head`), so adapter target patterns written for GPT-2 work here.
+pre-LayerNorm blocks of causal self-attention and an MLP, a final LayerNorm, and an output head tied to the token
+embedding. The module names are GPT-2's (`wte`, `wpe`, `h`, `ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`,
+`mlp.c_fc`, `mlp.c_proj`, `ln_f`, `lm_head`), so adapter target patterns written for GPT-2 work here. One addition
+to nanoGPT: a key/value cache (KVCache) for batched greedy decoding in `generate`.
 
-One addition to nanoGPT: a key/value cache for `generate`, so that greedy decoding costs one new token per
-step instead of re-reading the whole sequence, with left padding so that prompts of different lengths decode
-together in one batch. Evaluating pass@1 on hundreds of prompts is then a matter of seconds.
-
-Shapes: B = batch, T = sequence length, C = n_embd, nh = n_head, hs = C // nh (head size), V = vocab_size.
-The model never names a device: it runs wherever its parameters and inputs are.
+Shapes: B = batch, T = sequence length, C = n_embd, nh = n_head, hs = C // nh (head size), V = vocab_size. The model
+never names a device: it runs wherever its parameters and inputs are.
 """
 
 import math
@@ -22,23 +19,14 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    """What greedy decoding remembers between steps: each layer's keys and values so far, and which
-    positions hold real tokens.
-
-    Decoding token t needs the keys and values of tokens 0..t-1, which never change once computed (the
-    model is causal), so we keep them instead of recomputing them at every step. To decode prompts of
-    different lengths in one batch, they are left-padded to one length; `real` marks the padding so that
-    no real token attends to it and positions count real tokens only. A prompt then gets the logits it
-    would get alone, up to float rounding (the padded matmuls sum in another order).
-    """
+    """Each layer's keys and values so far, which never change once computed (the model is causal), so a decoding
+    step feeds one new token, not the whole sequence. Prompts of different lengths are left-padded; `real` marks
+    the padding, which no real token sees and positions skip: each prompt decodes as alone (up to float rounding)."""
 
     def __init__(self, n_layer, real):
         self.k = [None] * n_layer  # per layer: (B, nh, T_seen, hs)
         self.v = [None] * n_layer  # per layer: (B, nh, T_seen, hs)
         self.real = real  # (B, T_prompt) bool, False on left padding
-
-    def __len__(self):
-        return 0 if self.k[0] is None else self.k[0].size(2)
 
     def extend(self, layer, k, v):
         """Append the new tokens' keys and values at `layer`; return those of every token so far."""
@@ -49,11 +37,9 @@ class KVCache:
         return k, v
 
     def positions_and_mask(self, T):
-        """Positions (B, T) of the T tokens about to be fed, and their attention mask (B, 1, T, T_seen + T).
-
-        The first call feeds the whole (padded) prompt; later calls feed one new, real token each.
-        """
-        if len(self) == 0:
+        """Positions (B, T) of the T tokens about to be fed, and their attention mask (B, 1, T, T_seen + T): the
+        first call feeds the whole (padded) prompt, later calls one new, real token each."""
+        if self.k[0] is None:  # nothing seen yet
             if T != self.real.size(1):
                 raise ValueError(f"feed the whole prompt first: got T={T}, prompt length {self.real.size(1)}")
             pos = (self.real.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): count real tokens only
@@ -149,18 +135,15 @@ class GPT(nn.Module):
         if config.n_embd % config.n_head != 0:
             raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf, 2017): the output head reuses the token embedding matrix.
-        self.transformer.wte.weight = self.lm_head.weight
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf, 2017): the head reuses wte
         self.apply(self._init_weights)
         # GPT-2's scaled init: the projections that write into the residual stream get std 0.02 / sqrt(2 L).
         for name, p in self.named_parameters():
@@ -181,16 +164,14 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, cache=None):
-        """Next-token logits for every position, and the cross-entropy loss if `targets` are given.
+        """Next-token logits (B, T, V) for every position, and the mean cross-entropy over the counted positions
+        if `targets` are given (else None).
 
         Args:
             idx: (B, T) token ids.
             targets: (B, T) the token that should follow each position; -1 marks positions left out of the
                 loss (prompt tokens and padding during fine-tuning).
             cache: a KVCache, for decoding (see `generate`); None for an ordinary full pass.
-
-        Returns:
-            logits (B, T, V) and the mean loss over the counted positions (None without targets).
         """
         B, T = idx.size()
         if cache is None:
@@ -211,20 +192,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, stop=None, lengths=None):
-        """Greedy decoding: append the most likely next token, `max_new_tokens` times at most.
+        """Greedy decoding: append the most likely next token, `max_new_tokens` times at most. Returns (B, T + n),
+        the prompts followed by n <= max_new_tokens generated tokens.
 
         Args:
-            idx: (B, T) prompt token ids. Prompts shorter than T are left-padded (any id) and give their
-                real `lengths`; each row then decodes as it would alone (up to float rounding).
-            max_new_tokens: most tokens to add; also capped so the longest prompt stays within block_size
-                (so with prompts of very different lengths, a short one may get fewer than it could alone).
-            stop: optional list of token ids (e.g. those of "\\n\\n"). Decoding ends early once every row
-                has produced it; rows that finish first keep going until then, so callers cut each row at
-                its first stop sequence.
+            idx: (B, T) prompt token ids, shorter prompts left-padded (any id).
+            max_new_tokens: most tokens to add; also capped so the longest prompt stays within block_size.
+            stop: optional list of token ids (e.g. those of "\\n\\n"): decoding ends once every row has
+                produced it, so callers cut each row at its first stop sequence.
             lengths: (B,) real prompt lengths; None means no padding.
-
-        Returns:
-            (B, T + n) the prompts followed by n <= max_new_tokens generated tokens.
         """
         B, T = idx.size()
         lengths = torch.full((B,), T, device=idx.device) if lengths is None else lengths.to(idx.device)

@@ -17,12 +17,9 @@ def mean_std(values):
 
 def summarize(rows):
     """Group rows by configuration (method, r, k, hybrid_r, and lr and outlier_scale where rows have them)
-    across seeds, in first-seen order.
-
-    Returns one dict per configuration with its first row's fields; n, the number of seeds; diverged, how many
-    of them diverged; and (mean, std) pairs: of seconds over all seeds, of val_loss and pass_at_1 over those
-    that did not diverge (None when all did).
-    """
+    across seeds, in first-seen order: one dict each with its first row's fields, n (seeds), diverged (how
+    many did), and (mean, std) of seconds over all seeds, of val_loss and pass_at_1 over those that did not
+    diverge (None when all did)."""
     groups = {}
     for row in rows:
         key = (row["method"], row["r"], row["k"], row["hybrid_r"], row.get("lr"), row.get("outlier_scale", 1.0))
@@ -41,9 +38,8 @@ def summarize(rows):
 
 
 def format_table(rows):
-    """The results as a fixed-width text table; with several seeds, cells read mean ± std. Diverged runs are
-    counted in the seeds column and left out of the means; a configuration whose every seed diverged reads
-    "diverged"."""
+    """The results as a fixed-width text table; with several seeds, cells read mean ± std. Diverged runs are counted
+    in the seeds column and left out of the means; a configuration whose every seed diverged reads "diverged"."""
     summary = summarize(rows)
     several = any(entry["n"] > 1 for entry in summary)
 
@@ -54,7 +50,6 @@ def format_table(rows):
         return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}" if several else f"{scale * mean:.{digits}f}"
 
     dash = lambda value: "-" if value is None else str(value)  # noqa: E731
-
     header = ["method", "r", "k", "hybrid_r", "trainable", "adapter FLOPs/tok", "val loss", "pass@1 %",
               "seconds", "seeds"]
     lines = [[e["method"], dash(e["r"]), dash(e["k"]), dash(e["hybrid_r"]), f"{e['trainable_params']:,}",
@@ -71,18 +66,15 @@ def _adapter_lines(ax, adapters, key, scale):
     std over seeds, in the method's colour. Returns the y values drawn."""
     ks = {(e["method"], e["rank_budget"], e["k"]) for e in adapters}
     sweep_k = len(ks) > len({key[:2] for key in ks})  # some method has several k at one rank
-    lines, top = {}, max(e["rank_budget"] for e in adapters)
+    lines, top, shown = {}, max(e["rank_budget"] for e in adapters), []
     for e in adapters:
         name = f"{e['method']} k={e['k']}" if sweep_k and e["method"] != "lora" else e["method"]
         lines.setdefault(name, []).append(e)
-    shown = []
     for i, (name, entries) in enumerate(lines.items()):
+        method, diverged = entries[0]["method"], [str(e["rank_budget"]) for e in entries if e[key] is None]
         entries = sorted((e for e in entries if e[key] is not None), key=lambda e: e["rank_budget"])
-        method, xs = lines[name][0]["method"], [e["rank_budget"] for e in entries]
-        ys = [scale * e[key][0] for e in entries]
-        diverged = [str(e["rank_budget"]) for e in lines[name] if e[key] is None]
-        if diverged:
-            name += f" (diverged at rank {', '.join(diverged)})"
+        xs, ys = [e["rank_budget"] for e in entries], [scale * e[key][0] for e in entries]
+        name += f" (diverged at rank {', '.join(diverged)})" if diverged else ""
         if method == "hybrid" and max(xs, default=top) < top:
             name += f" (ranks ≤ {max(xs)} only, as in the paper)"
         ax.errorbar(xs, ys, yerr=[scale * e[key][1] for e in entries], marker="o", capsize=3, label=name,
@@ -110,12 +102,10 @@ def _reference_lines(ax, references, key, scale, low, high):
 
 
 def plot_sweep(rows, path=None):
-    """Val loss and pass@1 (in percent) against the rank budget: one line per adapter method (see
-    _adapter_lines), FFT and the base model as horizontal references, each in its METHOD_COLORS colour.
-    The val-loss axis turns logarithmic when the adapters' losses span more than a factor of 3 (a stalled
-    run), so that it does not flatten the others. Saved to `path` if given; returns the figure."""
+    """Val loss and pass@1 (%) against the rank budget: a line per adapter method (see _adapter_lines), FFT and
+    the base model as horizontal references, in METHOD_COLORS. The val-loss axis turns logarithmic when the
+    adapters' losses span more than a factor of 3 (a stalled run). Saved to `path` if given; returns the figure."""
     import matplotlib
-
     if path is not None:
         matplotlib.use("Agg")  # no display needed to write a file
     import matplotlib.pyplot as plt
@@ -144,8 +134,7 @@ def plot_sweep(rows, path=None):
         ax.set(xlabel="rank budget (the LoRA rank with the same trainable parameters)", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    n_seeds = max(e["n"] for e in summary)
-    fig.suptitle(f"LoRA vs GraLoRA on toy HumanEval (mean ± std over {n_seeds} seed(s))")
+    fig.suptitle(f"LoRA vs GraLoRA on toy HumanEval (mean ± std over {max(e['n'] for e in summary)} seed(s))")
     fig.tight_layout()
     if path is not None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

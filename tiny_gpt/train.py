@@ -1,13 +1,10 @@
 """Pretrain the tiny GPT once (cached on disk), then fine-tune it with FFT, LoRA, GraLoRA or Hybrid GraLoRA.
 
-The recipe is the same for every method, so that only the method differs: the same base model, the same
-tasks, the same batches in the same order for a given seed, AdamW with linear warmup and cosine decay,
-gradient clipping at 1.0, and the loss counted on the completion tokens only (the prompt is given, not
-learned). Adapters go on the four linears of every block (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj),
-never on the embedding, whose weight the output head shares.
-
-Entry points (`python -m tiny_gpt`, the notebook) choose the device with `pick_device()`; everything here
-takes it as an argument.
+The recipe is the same for every method, so that only the method differs: the same base model, the same tasks, the
+same batches in the same order for a given seed, AdamW with linear warmup and cosine decay, gradient clipping at 1.0,
+and the loss counted on the completion tokens only (the prompt is given, not learned). Adapters go on the four linears
+of every block (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj), never on the embedding, whose weight the output head
+shares. Functions here take the device as an argument; entry points choose it with `pick_device()`.
 """
 
 import dataclasses
@@ -132,9 +129,8 @@ def print_now(message):
 
 
 def write_atomic(path, save):
-    """Call save(file) on a new temporary file beside `path`, then os.replace it onto `path`: a reader never
-    sees a half-written file, and a failure (or Ctrl-C) leaves the previous file as it was and no temporary
-    file behind. The file gets the usual permissions (0666 less the umask)."""
+    """Call save(file) on a temporary file beside `path`, then os.replace it onto `path` (permissions 0666 less
+    the umask): no reader sees a half-written file; a failure or Ctrl-C leaves the old file and no temporary."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -202,10 +198,6 @@ def _optimize(model, params, lr, weight_decay, steps, next_batch, cfg, evaluate,
     return curve
 
 
-def _corpus(train_cfg):
-    return make_corpus(train_cfg.data_seed, train_cfg.corpus_programs)
-
-
 def _pretrain_config(gpt_cfg, train_cfg):
     """Everything the pretrained weights depend on, as a JSON-able dict: the model config, the pretraining
     fields of the train config, and a hash of the corpus text itself (so editing data.py invalidates it)."""
@@ -214,53 +206,33 @@ def _pretrain_config(gpt_cfg, train_cfg):
               if k.startswith(("pretrain_", "corpus_")) or k in shared}
     if train_cfg.bf16:  # bf16 autocast gives other weights; the key names it only when it is on
         fields["bf16"] = True
-    corpus_sha256 = hashlib.sha256(_corpus(train_cfg).encode()).hexdigest()
-    return dict(gpt=dataclasses.asdict(gpt_cfg), data_seed=train_cfg.data_seed, corpus_sha256=corpus_sha256,
-                **fields)
+    corpus_sha256 = hashlib.sha256(make_corpus(train_cfg.data_seed, train_cfg.corpus_programs).encode()).hexdigest()
+    return dict(gpt=dataclasses.asdict(gpt_cfg), data_seed=train_cfg.data_seed, corpus_sha256=corpus_sha256, **fields)
 
 
 def cache_path(gpt_cfg, train_cfg, cache_dir=None):
-    """Where the base model for these configs is stored: <cache_dir>/base-<hash of the config>.pt.
-
-    cache_dir defaults to $TINY_GPT_CACHE, else .cache/tiny_gpt under the current directory.
-    The key covers the configs and the corpus, not the model code: after editing model.py, delete the cache.
-    """
+    """<cache_dir>/base-<hash of _pretrain_config>.pt, cache_dir by default $TINY_GPT_CACHE, else .cache/tiny_gpt.
+    The key covers the configs and the corpus, not the model code: after editing model.py, delete the cache."""
     cache_dir = cache_dir or os.environ.get("TINY_GPT_CACHE") or os.path.join(".cache", "tiny_gpt")
     key = hashlib.sha256(json.dumps(_pretrain_config(gpt_cfg, train_cfg), sort_keys=True).encode()).hexdigest()
     return os.path.join(cache_dir, f"base-{key[:16]}.pt")
 
 
-def _read_cache(path, config, log):
-    """The cached state dict if `path` holds one made with `config`, else None (saying why)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        stored, state = saved["config"], saved["state_dict"]
-    except Exception as err:  # a truncated or foreign file; its message can run to a paragraph, so not shown
-        log(f"cache {path} is unreadable ({type(err).__name__}); pretraining again")
-        return None
-    if stored != config:
-        log(f"cache {path} was made with another config; pretraining again")
-        return None
-    return state
-
-
 def pretrain(gpt_cfg, train_cfg, device, cache_dir=None, log=print_now):
-    """The pretrained base model's state dict, from the cache when it holds one for these configs.
+    """(state dict on the cpu, from_cache) of the base model: from the cache if it holds one for these configs,
+    else trained on the corpus (next-character loss on random windows) and written to the cache."""
+    path, config = cache_path(gpt_cfg, train_cfg, cache_dir), _pretrain_config(gpt_cfg, train_cfg)
+    if os.path.exists(path):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["config"] == config:
+                log(f"base model: loaded from {path}")
+                return saved["state_dict"], True
+            log(f"cache {path} was made with another config; pretraining again")
+        except Exception as err:  # a truncated or foreign file; its message can run to a paragraph, so not shown
+            log(f"cache {path} is unreadable ({type(err).__name__}); pretraining again")
 
-    Returns (state_dict on the cpu, from_cache). A fresh model is trained on the corpus (next-character
-    loss on random windows), then written to the cache with write_atomic.
-    """
-    path = cache_path(gpt_cfg, train_cfg, cache_dir)
-    config = _pretrain_config(gpt_cfg, train_cfg)
-    state = _read_cache(path, config, log)
-    if state is not None:
-        log(f"base model: loaded from {path}")
-        return state, True
-
-    tokenizer = CharTokenizer()
-    corpus = torch.tensor(tokenizer.encode(_corpus(train_cfg)))
+    corpus = torch.tensor(CharTokenizer().encode(make_corpus(train_cfg.data_seed, train_cfg.corpus_programs)))
     split = int(0.9 * len(corpus))
     train_ids, val_ids = corpus[:split], corpus[split:]
     torch.manual_seed(train_cfg.pretrain_seed)
@@ -312,10 +284,8 @@ def encode_tasks(tasks, tokenizer):
 
 
 def collate(examples, device):
-    """Pad a list of (x, y) to one (B, T) batch: inputs with 0 (newline), targets with -1 (ignored).
-
-    Padding goes at the end, and the model is causal, so it never changes the real positions' logits.
-    """
+    """Pad a list of (x, y) to one (B, T) batch: inputs with 0 (newline), targets with -1 (ignored). Padding goes
+    at the end, and the model is causal, so it never changes the real positions' logits."""
     T = max(len(x) for x, _ in examples)
     xs = torch.zeros(len(examples), T, dtype=torch.long)  # (B, T)
     ys = torch.full((len(examples), T), -1, dtype=torch.long)  # (B, T)
@@ -338,13 +308,11 @@ def completion_loss(model, examples, device, batch_size=64):
 
 
 def adapter_spec(method, rank, k=None, hybrid_r=None, width=None):
-    """(r, k, hybrid_r) for gralora.add_adapters, from a trainable-parameter budget `rank`.
+    """(r, k, hybrid_r) for gralora.add_adapters from `rank`, the LoRA rank with the same trainable parameters.
 
-    `rank` is the LoRA rank with the same number of trainable parameters. lora: r = rank, k = 1.
-    gralora: r = rank and k by the paper's rule (2 below r = 64, else 4) unless given. hybrid (PEFT's
-    semantics: r is the GraLoRA rank, hybrid_r a plain LoRA on top): hybrid_r = rank // 2 unless given, and
-    r = rank - hybrid_r, so hybrid costs exactly what LoRA at `rank` costs. ValueError names bad numbers.
-    """
+    lora: r = rank, k = 1. gralora: r = rank and k by the paper's rule (2 below r = 64, else 4) unless given.
+    hybrid (PEFT's semantics: r is the GraLoRA rank, hybrid_r a plain LoRA on top): hybrid_r = rank // 2 unless
+    given and r = rank - hybrid_r, so it costs what LoRA at `rank` costs. ValueError names bad numbers."""
     if method not in ("lora", "gralora", "hybrid"):
         raise ValueError(f"method={method!r} has no adapter; adapter methods are lora, gralora, hybrid")
     if not isinstance(rank, int) or rank <= 0:
@@ -367,12 +335,9 @@ def adapter_spec(method, rank, k=None, hybrid_r=None, width=None):
 
 
 def plan_runs(methods, ranks, seeds, ks=None, hybrid_r=None, hybrid_max_r=16, width=None):
-    """Every run as (method, rank, k, hybrid_r, seed), validated before any training starts.
-
-    base runs once (it has no seed); fft once per seed (it has no rank); the adapter methods once per rank,
-    k and seed, hybrid only at ranks up to hybrid_max_r. A value repeated in methods, ranks, seeds or ks
-    counts once. Raises ValueError on any impossible combination, naming the numbers.
-    """
+    """Every run as (method, rank, k, hybrid_r, seed), validated before any training starts (ValueError naming
+    the numbers). base runs once (no seed), fft once per seed (no rank), the adapter methods once per rank, k
+    and seed, hybrid only at ranks up to hybrid_max_r. A repeated value counts once."""
     methods, ranks, seeds = dict.fromkeys(methods), dict.fromkeys(ranks), dict.fromkeys(seeds)
     runs = [("base", None, None, None, None)] if "base" in methods else []
     for seed in seeds:
@@ -406,9 +371,9 @@ def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, prese
 
     Returns:
         dict(method, r, k, hybrid_r, seed, trainable_params, val_loss, pass_at_1, seconds, lr, rank_budget,
-        adapter_flops_per_token, diverged, curve, model): r, k, hybrid_r as built (None for base and fft);
-        seconds of training; lr the peak rate; curve lists (step, train_loss, val_loss). A run whose training
-        loss turns non-finite stops there: diverged is True, val_loss and pass_at_1 are None.
+        adapter_flops_per_token, diverged, curve, model): r, k, hybrid_r as built (None for base and fft); seconds
+        of training; lr the peak rate; curve lists (step, train_loss, val_loss). A non-finite training loss stops
+        the run: diverged is True, val_loss and pass_at_1 are None.
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     cfg, lr = preset.train, preset.train.lr_for(method)  # lr_for refuses an unknown method
