@@ -314,23 +314,25 @@ def fake_training(monkeypatch, on_finetune=lambda n: None):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
-def test_cli_smoke_end_to_end_interrupted_and_continued(tmp_path, smoke_cache):
-    """`python -m tiny_gpt --preset smoke --out FILE`, stopped by Ctrl-C (SIGINT) after two runs: one line on
-    stderr says what was saved, where and how to go on, exit status 130. The same command then runs only the
-    three runs left, and FILE holds every method once, in the CLI's row format, with the settings."""
+def test_cli_smoke_end_to_end_interrupted_and_continued(tmp_path, smoke_cache, monkeypatch, capsys):
+    """`python -m tiny_gpt --preset smoke --out FILE`, stopped by Ctrl-C (a real SIGINT, sent as the third run
+    starts, so the test does not race the job): one line on stderr says what was saved, where and how to go on,
+    exit status 130. The same command, as a new process, then runs only the three runs left, and FILE holds
+    every method once, in the CLI's row format, with the settings."""
     out = tmp_path / "rows.json"
     command = [sys.executable, "-m", "tiny_gpt", "--preset", "smoke", "--out", str(out)]
-    env = dict(os.environ, TINY_GPT_CACHE=str(smoke_cache))
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("fft rank=None seed=0:"):  # said once the second run is in FILE
-                proc.send_signal(signal.SIGINT)
-                break
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, stderr
+    monkeypatch.setenv("TINY_GPT_CACHE", str(smoke_cache))
+    env, real_finetune, started = dict(os.environ), cli.finetune, []
+
+    def finetune(*args, **kwargs):
+        started.append(args[1])
+        if len(started) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt at its next bytecode
+        return real_finetune(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "finetune", finetune)
+    status, _, stderr = run_main(command[3:], capsys)
+    assert status == 130, stderr
     assert stderr.strip() == (f"tiny_gpt: interrupted; the 2 finished runs are in {out}; the same command "
                               "continues from there")
     first = json.loads(out.read_text())["rows"]
