@@ -74,7 +74,7 @@ def _check_args(r, k=1, alpha=None, dropout=0.0, hybrid_r=0):
             raise ValueError(f"{name} must be a {kind} integer, got {name}={value!r}")
     if alpha is not None and (not isinstance(alpha, numbers.Real) or isinstance(alpha, bool)):
         raise ValueError(f"alpha must be a number (or None: 2 * (r + hybrid_r)), got alpha={alpha!r}")
-    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a probability in [0, 1), got dropout={dropout!r}")
 
 
@@ -281,7 +281,7 @@ def _select(model, targets):
                          + (f"; these match but cannot be adapted: {others}" if others else "")
                          + f"; the model's Linear/Conv1D modules are {linears}")
     owners = {}  # a weight tied to another module (an LM head) must not be adapted: merging would change both
-    for name, mod in model.named_modules():
+    for name, mod in model.named_modules(remove_duplicate=False):  # a module reachable by two names is shared too
         for p in mod.parameters(recurse=False):
             owners.setdefault(id(p), []).append(name)
     for name in chosen:

@@ -49,7 +49,7 @@ MARGIN = 1.5  # seconds passes() may take beyond its timeout: killing and reapin
 
 def hostile_programs(victim, bystander_pid):
     """(name, program, expected) triples: the correct program, wrong and broken ones, and attacks on a file
-    outside the sandbox (`victim`) and on another process (`bystander_pid`, a harmless `sleep`)."""
+    outside the sandbox (`victim`) and on another process (`bystander_pid`, a harmless sleeping Python)."""
     v = repr(str(victim))
     d = repr(str(victim.parent))
     return [
@@ -94,7 +94,7 @@ def test_passes_judges_each_program_right(tmp_path, name):
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me")
     mode = victim.stat().st_mode
-    bystander = subprocess.Popen(["sleep", "30"])
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         program, expected = {n: (p, e) for n, p, e in hostile_programs(victim, bystander.pid)}[name]
         assert passes(program, TEST) is expected, name

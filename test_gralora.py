@@ -510,8 +510,19 @@ def test_method_hybrid_is_gralora_with_a_lora_part():
     gralora.add_adapters(tiny_model(), ["mlp.c_fc"], method="hybrid", r=4, k=4, hybrid_r=4)  # k=4: 16 and 64 divide
 
 
+def test_a_module_reachable_by_two_names_is_refused():
+    """One Linear under two names (layer sharing, an alias): named_modules() lists it once, so adapting it would
+    wrap one name and leave the other calling the bare layer, whose weight a merge would then change."""
+    shared = nn.Linear(8, 8)
+    model = nn.ModuleDict({"a": shared, "b": shared})
+    with pytest.raises(ValueError, match=r"a.weight is tied to \['b'\]; refusing to adapt it"):
+        gralora.add_adapters(model, ["a", "b"], method="lora", r=2)
+    assert model["a"] is model["b"] is shared and all(p.requires_grad for p in model.parameters())
+
+
 def test_numpy_integers_are_integers():
     np = pytest.importorskip("numpy")
+    assert GraLoRALinear(nn.Linear(8, 8), r=4, dropout=np.float32(0.25)).dropout == np.float32(0.25)  # a Real
     layer = GraLoRALinear(nn.Linear(8, 8), r=np.int64(4), k=np.int32(2), hybrid_r=np.int64(2))
     assert layer.A.shape == (2, 2, 2, 4) and layer.hybrid_A.shape == (2, 8)
 

@@ -225,8 +225,14 @@ def test_adapter_spec_follows_the_paper_and_rejects_bad_values():
     assert train.adapter_spec("lora", 128, width=128) == (128, 1, 0)  # as wide as the model: allowed
     with pytest.raises(ValueError, match="rank=0"):
         train.adapter_spec("lora", 0)
-    with pytest.raises(ValueError, match="r=6 .* not divisible by k=4"):
+    with pytest.raises(ValueError, match=r"r=6 .* is not divisible by k=4$"):
         train.adapter_spec("gralora", 6, k=4)
+    for k in (0, -2):  # -2 divides 6: the message must not blame divisibility
+        with pytest.raises(ValueError, match=rf"r=6 .* needs a positive integer k, got k={k}$"):
+            train.adapter_spec("gralora", 6, k=k)
+    for rank, hybrid_r, k in ((16, 0, None), (16, 16, None), (16, -4, None), (1, None, 1)):  # rank 1: 1 // 2 = 0
+        with pytest.raises(ValueError, match=rf"hybrid needs 0 < hybrid_r < rank .*, got hybrid_r={hybrid_r or 0}$"):
+            train.adapter_spec("hybrid", rank, k=k, hybrid_r=hybrid_r)
     with pytest.raises(ValueError, match="n_embd=30 is not divisible by k=4"):
         train.adapter_spec("gralora", 8, k=4, width=30)
     with pytest.raises(ValueError, match="rank=256 exceeds the model width n_embd=128"):
@@ -279,6 +285,19 @@ def test_pretrain_cache_is_reused_and_rebuilt(tmp_path):
     # ... and fine-tuning fields are not: they never make pretraining run again
     same = smoke_preset(pretrain_steps=2, finetune_steps=99, lr_adapter=0.5, n_test=7)
     assert train.cache_path(same.gpt, same.train, str(tmp_path)) == path
+
+
+def test_pretrain_cache_key_says_whether_bf16_was_used(tmp_path):
+    """bf16=None means autocast on CUDA only, so on "cuda" it is the cache of bf16=True that is read (found in the
+    cache, so no GPU is needed here), and on the cpu that of bf16=False."""
+    for device, used in (("cuda", True), ("cpu", False)):
+        cfg = smoke_preset(bf16=used).train
+        path = train.cache_path(train.PRESETS["smoke"].gpt, cfg, str(tmp_path))
+        state = {"marker": torch.tensor([float(used)])}
+        torch.save(dict(config=train._pretrain_config(train.PRESETS["smoke"].gpt, cfg), state_dict=state), path)
+        loaded, cached = train.pretrain(train.PRESETS["smoke"].gpt, smoke_preset(bf16=None).train, device,
+                                        str(tmp_path), log=lambda s: None)
+        assert cached and torch.equal(loaded["marker"], state["marker"]), device
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -406,9 +425,18 @@ def test_cli_continues_where_it_stopped_and_refuses_other_settings(tmp_path, mon
                        (["--preset", "cpu"], "n_embd=32 there, 128 here")):
         status, _, stderr = run_main(argv + extra, capsys)
         assert status == 2 and why in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    out.write_text(json.dumps(first))  # a list of rows without settings
-    status, _, stderr = run_main(argv, capsys)
-    assert status == 2 and "is not a results file" in stderr and calls == []
+    settings = json.loads(out.read_text())["config"]
+    for doc in (first, dict(config=[], rows=[]), dict(config=settings, rows=[dict(method="lora")])):
+        out.write_text(json.dumps(doc))  # rows without settings, settings not a dict, a row without its key
+        status, _, stderr = run_main(argv, capsys)
+        assert status == 2 and "is not a results file" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert calls == []
+
+    fake_training(monkeypatch, lambda n: n == 1 and interrupt(3))  # interrupted before any run finished
+    status, _, stderr = run_main(argv[:-1] + [str(tmp_path / "new.json")], capsys)
+    assert status == 130 and stderr.strip().splitlines() == [
+        f"tiny_gpt: interrupted; no run had finished, so {tmp_path / 'new.json'} was not written"]
+    assert not (tmp_path / "new.json").exists()
 
     fake_training(monkeypatch, interrupt)  # interrupted without --out: nothing kept, and it says how to keep it
     status, _, stderr = run_main(argv[:-2], capsys)
@@ -432,6 +460,9 @@ def test_cli_refuses_impossible_runs_before_training(monkeypatch, capsys):
     """A usage error (exit 2, one line naming the value), before any pretraining."""
     calls = fake_training(monkeypatch)
     for args, why in ((["--ranks", "6", "--k", "4"], "not divisible by k=4"),
+                      (["--k", "-2"], "needs a positive integer k, got k=-2"),
+                      (["--methods", "hybrid", "--hybrid-r", "0"], "hybrid needs 0 < hybrid_r < rank"),
+                      (["--methods", "hybrid", "--ranks", "32"], "no run to do: hybrid runs only at ranks up to 16"),
                       (["--preset", "cpu", "--ranks", "256"], "rank=256 exceeds the model width n_embd=128"),
                       (["--lr-adapter", "0"], "got 0.0"), (["--lr-adapter", "-2"], "got -2.0"),
                       (["--lr-adapter", "nan"], "got nan")):
@@ -644,6 +675,26 @@ def legend_methods(ax):
     for container in ax.containers:  # errorbar lines
         colours[container.get_label()] = container.lines[0].get_color()
     return {label.split()[0].rstrip(":"): colour for label, colour in colours.items()}
+
+
+def test_figure_to_a_file_leaves_pyplot_alone(tmp_path):
+    """Saving the figure neither switches matplotlib's backend (a notebook would stop showing figures) nor leaves
+    a figure open in pyplot; with no adapter rows, the val-loss axis stays linear."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    rows = [dict(method=method, r=None, k=None, hybrid_r=None, seed=seed, rank_budget=None, trainable_params=10,
+                 adapter_flops_per_token=0, val_loss=0.3 + 0.01 * seed, pass_at_1=0.5, seconds=1.0)
+            for method in ("base", "fft") for seed in (0, 1)]
+    before = matplotlib.get_backend()
+    plt.switch_backend("svg")
+    try:
+        figures = plt.get_fignums()
+        fig = report.plot_sweep(rows, str(tmp_path / "fig.png"))
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figures
+    finally:
+        plt.switch_backend(before)
+    assert fig.axes[0].get_yscale() == "linear" and (tmp_path / "fig.png").stat().st_size > 10_000
 
 
 def test_sweep_figure_colours_and_scales():

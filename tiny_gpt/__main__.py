@@ -89,7 +89,8 @@ def read_rows(path, config):
         with open(path) as f:
             doc = json.load(f)
         stored, rows = doc["config"], doc["rows"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        [row_key(row) for row in rows], stored.items()  # every row keyed as the runs are, the settings a dict
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"--out {path} is not a results file of python -m tiny_gpt ({type(err).__name__}: "
                          f"{err}); use another --out") from None
     changed = [f"{key}={stored.get(key)} there, {config.get(key)} here"
@@ -122,6 +123,8 @@ def plan(args):
         bf16=device.type == "cuda" if preset.train.bf16 is None else preset.train.bf16))
     ranks, seeds, width = args.ranks or preset.ranks, args.seeds or preset.seeds, preset.gpt.n_embd
     runs = plan_runs(args.methods, ranks, seeds, args.k, args.hybrid_r, width=width)
+    if not runs:  # hybrid alone, at ranks above 16
+        raise ValueError(f"no run to do: hybrid runs only at ranks up to 16 (as in the paper), got --ranks {ranks}")
     sweep = len(set(ranks)) > 1 or len(set(seeds)) > 1 or len(set(args.k or [])) > 1
     fig = args.fig or (os.path.splitext(args.out)[0] + ".png" if sweep and args.out else None)
     for path, flag in ((args.out, "--out"), (fig, "--fig")):
@@ -174,7 +177,8 @@ def main(argv=None):
             run_all(todo, doc, preset, device, args.out)
     except KeyboardInterrupt:
         kept = (f"the {len(doc['rows'])} finished runs are in {args.out}; the same command continues from there"
-                if args.out else "nothing was saved (no --out); with --out FILE the finished runs are kept")
+                if args.out and doc["rows"] else f"no run had finished, so {args.out} was not written" if args.out
+                else "nothing was saved (no --out); with --out FILE the finished runs are kept")
         print(f"\ntiny_gpt: interrupted; {kept}", file=sys.stderr, flush=True)
         return 130
     rows = {row_key(row): row for row in doc["rows"]}

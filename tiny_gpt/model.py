@@ -24,8 +24,7 @@ class KVCache:
     the padding, which no real token sees and positions skip: each prompt decodes as alone (up to float rounding)."""
 
     def __init__(self, n_layer, real):
-        self.k = [None] * n_layer  # per layer: (B, nh, T_seen, hs)
-        self.v = [None] * n_layer  # per layer: (B, nh, T_seen, hs)
+        self.k, self.v = [None] * n_layer, [None] * n_layer  # per layer: (B, nh, T_seen, hs) each
         self.real = real  # (B, T_prompt) bool, False on left padding
 
     def extend(self, layer, k, v):

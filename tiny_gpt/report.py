@@ -89,9 +89,7 @@ def _adapter_lines(ax, adapters, key, scale):
 def _reference_lines(ax, references, key, scale, low, high):
     """FFT and the base model (no rank) as horizontal lines, with a band of ± std over seeds; a val loss far
     outside the adapters' range [low, high] is written in the legend instead of stretching the axis."""
-    for e in references:
-        if e[key] is None:
-            continue
+    for e in [e for e in references if e[key] is not None]:  # a reference whose every seed diverged draws nothing
         (mean, std), color = (scale * v for v in e[key]), METHOD_COLORS[e["method"]]
         if key == "val_loss" and not low / 2 <= mean <= 2 * high:
             ax.plot([], [], color=color, linestyle=":", label=f"{e['method']}: {mean:.3f}, off the axis")
@@ -105,22 +103,21 @@ def plot_sweep(rows, path=None):
     """Val loss and pass@1 (%) against the rank budget: a line per adapter method (see _adapter_lines), FFT and
     the base model as horizontal references, in METHOD_COLORS. The val-loss axis turns logarithmic when the
     adapters' losses span more than a factor of 3 (a stalled run). Saved to `path` if given; returns the figure."""
-    import matplotlib
-    if path is not None:
-        matplotlib.use("Agg")  # no display needed to write a file
     import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     summary = summarize(rows)
     adapters = [e for e in summary if e["rank_budget"] is not None]
     ranks = sorted({e["rank_budget"] for e in adapters})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig = (plt.figure if path is None else Figure)(figsize=(11, 4.4))  # to a file: pyplot and its backend untouched
+    axes = fig.subplots(1, 2)
     for ax, key, label, scale in ((axes[0], "val_loss", "val loss (completion tokens)", 1.0),
                                   (axes[1], "pass_at_1", "pass@1 on held-out tasks (%)", 100.0)):
         shown = _adapter_lines(ax, adapters, key, scale) if adapters else []
         low, high = (min(shown), max(shown)) if shown else (0.0, math.inf)
         _reference_lines(ax, [e for e in summary if e["rank_budget"] is None], key, scale, low, high)
-        if key == "val_loss" and high > 3 * low:
+        if key == "val_loss" and shown and high > 3 * low:
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))

@@ -143,8 +143,7 @@ def write_atomic(path, save):
 
 
 def write_json(path, obj):
-    """Write `obj` as indented JSON to `path`, atomically (see write_atomic). Raises OSError if the folder
-    cannot be written, TypeError if `obj` is not JSON-able (then no file is touched)."""
+    """Write `obj` as indented JSON to `path`, atomically (see write_atomic): OSError, or TypeError if not JSON-able."""
     text = json.dumps(obj, indent=1) + "\n"
     write_atomic(path, lambda f: f.write(text.encode()))
 
@@ -165,8 +164,7 @@ class Diverged(ArithmeticError):
 def _optimize(model, params, lr, weight_decay, steps, next_batch, cfg, evaluate, log, label):
     """The training loop both phases share. Returns the curve [(step, train_loss, val_loss), ...]; raises
     Diverged at the first non-finite training loss."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay),
                                    dict(params=no_decay, weight_decay=0.0)], lr=lr, betas=(0.9, 0.95))
     device_type = next(model.parameters()).device.type
@@ -221,6 +219,8 @@ def cache_path(gpt_cfg, train_cfg, cache_dir=None):
 def pretrain(gpt_cfg, train_cfg, device, cache_dir=None, log=print_now):
     """(state dict on the cpu, from_cache) of the base model: from the cache if it holds one for these configs,
     else trained on the corpus (next-character loss on random windows) and written to the cache."""
+    if train_cfg.bf16 is None:  # on CUDA only, as in _optimize: the cache key must say how the weights were trained
+        train_cfg = dataclasses.replace(train_cfg, bf16=torch.device(device).type == "cuda")
     path, config = cache_path(gpt_cfg, train_cfg, cache_dir), _pretrain_config(gpt_cfg, train_cfg)
     if os.path.exists(path):
         try:
@@ -323,12 +323,13 @@ def adapter_spec(method, rank, k=None, hybrid_r=None, width=None):
     if method == "lora":
         return rank, 1, 0
     hybrid_r = (rank // 2 if hybrid_r is None else hybrid_r) if method == "hybrid" else 0
+    if method == "hybrid" and not 0 < hybrid_r < rank:
+        raise ValueError(f"hybrid needs 0 < hybrid_r < rank (a LoRA part, GraLoRA blocks), got hybrid_r={hybrid_r}")
     r = rank - hybrid_r
-    if r <= 0 or hybrid_r < 0:
-        raise ValueError(f"hybrid_r={hybrid_r} leaves no GraLoRA rank out of rank={rank}")
     k = (2 if r < 64 else 4) if k is None else k
-    if k <= 0 or r % k:
-        raise ValueError(f"GraLoRA rank r={r} (method={method}, rank={rank}) is not divisible by k={k}")
+    if not isinstance(k, int) or k < 1 or r % k:
+        why = "is not divisible by" if isinstance(k, int) and k >= 1 else "needs a positive integer k, got"
+        raise ValueError(f"GraLoRA rank r={r} (method={method}, rank={rank}) {why} k={k!r}")
     if width is not None and width % k:
         raise ValueError(f"model width n_embd={width} is not divisible by k={k}")
     return r, k, hybrid_r
@@ -380,9 +381,8 @@ def finetune(base_state, method, rank=None, k=None, hybrid_r=None, seed=0, prese
     tokenizer, tasks = CharTokenizer(), tasks_for(cfg)
     train_examples, val_examples = encode_tasks(tasks.train, tokenizer), encode_tasks(tasks.val, tokenizer)
     torch.manual_seed(seed)  # the adapters' initialisation
-    model = GPT(preset.gpt)
+    model = GPT(preset.gpt).to(device)
     model.load_state_dict(base_state)
-    model.to(device)
     r = spec_k = spec_h = None
     if method in ("lora", "gralora", "hybrid"):
         r, spec_k, spec_h = adapter_spec(method, rank, k, hybrid_r, preset.gpt.n_embd)
