@@ -477,6 +477,7 @@ def test_cli_counts_a_repeated_value_once(monkeypatch, capsys):
                                   "--seeds", "0", "0"], capsys)
     assert status == 0 and calls == [("pretrain",), ("lora", 4, 0)]
     assert "± " not in stdout  # one seed: no spread to show
+    assert "1 run (repeated values count once: --ranks 4 4; --seeds 0 0)" in stdout  # and it says so
 
 
 def test_cli_refuses_unwritable_paths_before_any_work(tmp_path, monkeypatch, capsys):

@@ -57,7 +57,7 @@ SHAPES = [
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m study.bench", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=2048, help="tokens per call, as (tokens / 512, 512, N) inputs")
     p.add_argument("--reps", type=int, default=40, help="timed repetitions per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed repetitions before timing")

@@ -170,8 +170,11 @@ def main(argv=None):
                          "the base model's cache ($TINY_GPT_CACHE)")
     except ValueError as err:
         parser.error(str(err))
+    repeated = [f"--{flag} {' '.join(map(str, v))}" for flag, v in (("ranks", args.ranks), ("seeds", args.seeds),
+                                                                     ("k", args.k)) if v and len(set(v)) < len(v)]
     done = f", {len(runs) - len(todo)} of them already in {args.out}" if len(todo) < len(runs) else ""
-    print_now(f"preset {name} on {device}: {len(runs)} runs{done}")
+    print_now(f"preset {name} on {device}: {len(runs)} run{'s' * (len(runs) != 1)}{done}"
+              + (f" (repeated values count once: {'; '.join(repeated)})" if repeated else ""))
     try:
         if todo:
             run_all(todo, doc, preset, device, args.out)
