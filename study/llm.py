@@ -1002,10 +1002,17 @@ def plot_lr_sweep(rows, path):
         if r["method"] == "fft" and r["val_loss"] is not None:
             ax.axhline(r["val_loss"], color="black", lw=0.8, ls=":", label="fft" if r["seed"] == 0 else None)
     base = next((r["val_curve"][0][1] for r in rows if r["val_curve"]), None)
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
     for a in (ax, ax2):
         if base is not None:
             a.axhline(base, color="tab:gray", lw=0.8, ls="--", label="base model")
-        a.set_ylabel("completion loss (nats/token)")
+        a.set_ylabel("completion loss (nats/token, log scale)")
+        a.set_yscale("log")  # a broken run's loss is several times a good one's: both stay readable
+        lo, hi = a.get_ylim()
+        a.set_yticks([t for t in (1.6, 1.8, 2, 2.5, 3, 4, 5, 7, 10, 15, 20, 30, 40) if lo <= t <= hi])
+        a.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        a.yaxis.set_minor_formatter(NullFormatter())
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
     ax.set_xscale("log")
