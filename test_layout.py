@@ -92,6 +92,11 @@ PATHLIKE = re.compile(r"`([\w./-]+\.(?:py|json|png|txt|md|ipynb))`|\]\(([\w./-]+
 
 
 @pytest.mark.parametrize("readme", ["README.md", "study/README.md"])
+def test_readme_has_no_placeholder_left(readme):
+    assert not re.findall(r"@@\w+@@", (ROOT / readme).read_text())
+
+
+@pytest.mark.parametrize("readme", ["README.md", "study/README.md"])
 def test_readme_names_only_files_that_exist(readme):
     """Backticked paths under a folder of the repository count from its root; markdown links and images from
     the README's folder."""

@@ -608,7 +608,7 @@ SWEEP_PRESETS = {
     "gpu": dict(steps=600, batch=16, seq_len=512, lr_adapter=5e-4, lr_fft=2e-5, warmup_frac=0.05, clip=1.0,
                 n_train=None, n_val=None, n_problems=None, max_new_tokens=384, eval_batch=16, gen_batch=32, bf16=True,
                 evals=0, ranks=(16, 32, 64, 128), methods=("lora", "gralora", "hybrid", "fft"), lrs=(5e-4,)),
-    # A laptop CPU, about 1.5 hours on one core: LoRA vs GraLoRA at rank 64 over a learning-rate axis, 80 steps of
+    # A laptop CPU, about 1 h 45 min on one core: LoRA vs GraLoRA at rank 64 over a learning-rate axis, 80 steps of
     # 4 x 128 tokens, held-out loss 5 times along the way; no HumanEval (a 135M model scores near zero on it).
     "laptop": dict(steps=80, batch=4, seq_len=128, lr_adapter=None, lr_fft=2e-5, warmup_frac=0.05, clip=1.0,
                    n_train=None, n_val=48, n_problems=0, max_new_tokens=0, eval_batch=8, gen_batch=0, bf16=False,
@@ -653,7 +653,8 @@ def _finetune_setup(model, method, rank, lr, cfg):
         r, k, hybrid_r, lr = None, None, 0, cfg["lr_fft"]
     else:
         r, k, hybrid_r = adapter_spec(method, rank)
-        gralora.add_adapters(model, list(TARGETS), method=method, r=r, k=k, hybrid_r=hybrid_r)  # alpha = 2 (r + hybrid_r), the paper's alpha = 2 * rank
+        # alpha defaults to 2 (r + hybrid_r): the paper's alpha = 2 * rank
+        gralora.add_adapters(model, list(TARGETS), method=method, r=r, k=k, hybrid_r=hybrid_r)
     return r, k, hybrid_r, lr, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -949,7 +950,8 @@ def add_sweep_parser(sub, common):
                                                        "ranks and learning rates (resumes from --out)")
     p.add_argument("--preset", choices=sorted(SWEEP_PRESETS), default="gpu",
                    help="gpu: Table 2 in miniature on one GPU (bf16, HumanEval pass@1); laptop: the learning-rate "
-                        "sweep on a CPU (about 1.5 hours on one core); probe: its short bracket runs; smoke: seconds, numbers meaningless")
+                        "sweep on a CPU (about 1 h 45 min on one core); probe: its short bracket runs; smoke: "
+                        "seconds, numbers meaningless")
     p.add_argument("--out", default=None, help="JSON of rows, resumed when it exists (default: per preset)")
     p.add_argument("--fig", default=None, help="figure (default: --out with .png)")
     p.add_argument("--ranks", type=int, nargs="+", default=None, help="default: the preset's")
