@@ -29,6 +29,7 @@ Shapes: B batch, T tokens, N in_features, M out_features, r rank, k blocks per s
 import argparse
 import ast
 import copy
+import functools
 import hashlib
 import itertools
 import importlib.metadata
@@ -490,8 +491,9 @@ def held_out(module):
     return int(hashlib.sha256(module.encode()).hexdigest(), 16) % HELD_OUT_BUCKETS == 0
 
 
+@functools.lru_cache(maxsize=None)  # parsing the standard library takes seconds: once per process
 def code_examples(max_chars=3000):
-    """(train, held_out) lists of standard-library functions, split by module (no module in both), each no
+    """(train, held_out) tuples of standard-library functions, split by module (no module in both), each no
     longer than max_chars in all. Deterministic for a given Python version."""
     train, val = [], []
     for module, path in stdlib_modules():
@@ -503,7 +505,7 @@ def code_examples(max_chars=3000):
         for ex in extract_functions(source, module):
             if len(ex["prompt"]) + len(ex["completion"]) <= max_chars:
                 (val if held_out(module) else train).append(ex)
-    return train, val
+    return tuple(train), tuple(val)
 
 
 def encode_examples(tokenizer, examples, seq_len):
