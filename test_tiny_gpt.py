@@ -350,7 +350,12 @@ def test_cli_smoke_end_to_end_interrupted_and_continued(tmp_path, smoke_cache, m
         return real_finetune(*args, **kwargs)
 
     monkeypatch.setattr(cli, "finetune", finetune)
-    status, _, stderr = run_main(command[3:], capsys)
+    # Ctrl-C as in a terminal, also where the tests run as a background job (which starts with SIGINT ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        status, _, stderr = run_main(command[3:], capsys)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert status == 130, stderr
     assert stderr.strip() == (f"tiny_gpt: interrupted; the 2 finished runs are in {out}; the same command "
                               "continues from there")
