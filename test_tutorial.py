@@ -13,8 +13,8 @@ Every identity the notebook claims is an `assert` inside it, so a run without er
     test_layout.py's check);
   * the student copy, written by student_notebook.py and executed on the smoke preset (what CI runs): it runs to
     its end and each exercise prints one "not yet: ..." line; in the same kernel, appended cells then run the
-    teacher's solutions (each "right") and wrong answers (each gets the hint that fits it), so that one
-    execution covers all three;
+    teacher's solutions (each "right") and wrong answers (each gets the hint that fits it; an answer that raises,
+    its error in one line), so that one execution covers all three;
   * the first code cell, run in an empty folder (the notebook opened without the repository), stops with a
     message that says what to fetch and install, instead of an ImportError further down.
 """
@@ -57,6 +57,8 @@ WRONG_ANSWERS = [
     ("judge_reach", "lambda: {2: 32, 4: 16, 8: 8}", "one of them its own"),
     ("judge_mixed", "lambda: 'lora'", "LoRA at r = 16 cannot"),
     ("judge_mixed", "lambda: 'gralora'", "GraLoRA's blocks cannot"),
+    ("judge_parity", "lambda: [32 * 1024] * 4", "AttributeError"),  # not a dict: the error in one line
+    ("judge_loop", "lambda x, base, A, B, s: base(x) + x @ A[0, 0]", "RuntimeError: mat1 and mat2"),
 ]
 
 
