@@ -977,7 +977,7 @@ def plot_lr_sweep(rows, path):
     points, diverged runs as x at the top. Right: the held-out loss along the way at the highest learning rate."""
     plt = _pyplot()
     styles = ["-", "--", ":", "-."]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4))
     adapters = [r for r in rows if r["method"] != "fft"]
     ranks = sorted({r["rank"] for r in adapters})
     top = max((r["val_loss"] for r in rows if r["val_loss"] is not None), default=1.0)
@@ -1017,8 +1017,9 @@ def plot_lr_sweep(rows, path):
         a.set_yticks([t for t in (1.6, 1.8, 2, 2.5, 3, 4, 5, 7, 10, 15, 20, 30, 40) if lo <= t <= hi])
         a.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         a.yaxis.set_minor_formatter(NullFormatter())
-        a.legend(fontsize=8)
         a.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the panel: its curves fill it
     ax.set_xscale("log")
     ax.set_xlabel("adapter learning rate (AdamW peak)")
     ax.set_title("held-out loss at the end (points: seeds)")
