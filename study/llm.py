@@ -976,6 +976,8 @@ def plot_lr_sweep(rows, path):
     """Left: final held-out loss against the adapter learning rate, a line (mean) per method and rank, seeds as
     points, diverged runs as x at the top. Right: the held-out loss along the way at the highest learning rate."""
     plt = _pyplot()
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
     styles = ["-", "--", ":", "-."]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4))
     adapters = [r for r in rows if r["method"] != "fft"]
@@ -1006,8 +1008,6 @@ def plot_lr_sweep(rows, path):
         if r["method"] == "fft" and r["val_loss"] is not None:
             ax.axhline(r["val_loss"], color=METHOD_COLORS["fft"], lw=0.8, ls=":", label="fft" if r["seed"] == 0 else None)
     base = next((r["val_curve"][0][1] for r in rows if r["val_curve"]), None)
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
-
     for a in (ax, ax2):
         if base is not None:
             a.axhline(base, color=METHOD_COLORS["base"], lw=0.8, ls="--", label="base model")
